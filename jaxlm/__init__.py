@@ -1,0 +1,22 @@
+"""jaxlm: train and serve Llama-family language models sharded over device meshes.
+
+    import jaxlm
+    cfg = jaxlm.load_config("configs/tiny.yaml")
+    model = jaxlm.build_model(cfg.model)
+    model = jaxlm.train(cfg, model).model
+    print(jaxlm.generate(model, ["ROMEO:"], cfg.decode)[0])
+"""
+
+from jaxlm.build import build_model
+from jaxlm.checkpoint import restore
+from jaxlm.config import Config, ConfigError, load_config
+from jaxlm.data import load_tokenizer
+from jaxlm.generate import generate, generate_tokens
+from jaxlm.model import Transformer
+from jaxlm.train import TrainResult, train
+from sharding.mesh import make_mesh
+
+__all__ = [
+    "Config", "ConfigError", "Transformer", "TrainResult", "build_model", "generate", "generate_tokens",
+    "load_config", "load_tokenizer", "make_mesh", "restore", "train",
+]

@@ -1,0 +1,129 @@
+"""Orbax checkpoints: where a run's state is written and read back, onto any mesh.
+
+A checkpoint at step ``N`` holds three items:
+
+* ``params``    - the model parameters (``nnx.State``), float32 master weights;
+* ``opt_state`` - the optax state (moments, counters);
+* ``meta``      - JSON: the step, the data position (batches consumed) and the full run config.
+
+Saves are asynchronous and atomic (a save cut short is left as ``N.orbax-checkpoint-tmp`` and
+ignored on restore). Restoring takes an abstract target whose shardings describe the *current*
+mesh, so a checkpoint written on one layout loads onto another.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """A thin owner of one ``ocp.CheckpointManager`` over ``directory``."""
+
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig = CheckpointConfig(), *, create: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        if not create and not self.directory.is_dir():
+            raise ConfigError(f"checkpoint directory '{self.directory}' does not exist")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            enable_async_checkpointing=cfg.async_save,
+            create=create,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, data_position: int, config: Config) -> None:
+        """Start writing step ``step`` (returns once the arrays are copied off the devices)."""
+        meta = {"step": step, "data_position": data_position, "config": config.to_dict()}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self._step_or_latest(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def read_config(self, step: int | None = None) -> Config:
+        return config_from_dict(self.read_meta(step)["config"])
+
+    def restore(
+        self,
+        abstract_params: Any,
+        param_shardings: Any,
+        abstract_opt_state: Any = None,
+        opt_shardings: Any = None,
+        step: int | None = None,
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """(params, opt_state or None, meta), placed with the given shardings."""
+        step = self._step_or_latest(step)
+        items = {
+            "params": ocp.args.StandardRestore(_abstract(abstract_params, param_shardings)),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state, opt_shardings))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {first}") from e
+        return out["params"], out.get("opt_state"), out["meta"]
+
+    def _step_or_latest(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise ConfigError(f"no checkpoint found in '{self.directory}'; train first or point to a run directory")
+        elif step not in self.manager.all_steps():
+            raise ConfigError(f"checkpoint step {step} not found in '{self.directory}'; have {sorted(self.manager.all_steps())}")
+        return step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = None):
+    """Load a trained model from a run directory onto ``mesh``. Returns ``(model, config)``.
+
+    Without a mesh, uses the run's own mesh layout when it fits the devices present, otherwise
+    FSDP over all devices.
+    """
+    from flax import nnx
+
+    from jaxlm.build import abstract_model, state_shardings
+    from jaxlm.config import MeshConfig
+    from sharding.mesh import make_mesh
+
+    ckpt = Checkpointer(directory, create=False)
+    try:
+        cfg = ckpt.read_config(step)
+        if mesh is None:
+            try:
+                mesh = make_mesh(cfg.mesh)
+            except ConfigError:
+                mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+        graphdef, abstract = abstract_model(cfg.model)
+        params, _, _ = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, params), cfg

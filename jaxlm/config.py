@@ -1,0 +1,271 @@
+"""Run configuration: typed, frozen dataclasses loaded from YAML plus ``key=value`` overrides.
+
+All validation lives here, so a bad config fails before any array is allocated, with one line
+that names the key and says how to fix it::
+
+    cfg = load_config("configs/demo.yaml", ["train.steps=200", "mesh.tensor=2"])
+
+Checks that need the devices (the mesh product) run in :func:`sharding.mesh.make_mesh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import typing
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line a user can act on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the decoder-only transformer (Llama family)."""
+
+    vocab_size: int = 4096
+    embed_dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 768
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"  # matmul inputs; softmax, norms and loss run in float32
+    scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
+    remat: str = "none"  # none | full | save_dots
+    attention_impl: str = "auto"  # auto | xla  (see pallas_kernels.dispatch)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; their product must equal the device count. -1 fills the rest."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from. Empty paths mean the corpus and tokenizer shipped in jaxlm."""
+
+    text_path: str = ""
+    tokenizer_path: str = ""
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup then cosine decay, global-norm clipping."""
+
+    steps: int = 300
+    batch_size: int = 32  # global, across all devices
+    seed: int = 0
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints. An empty ``dir`` disables saving."""
+
+    dir: str = ""
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Sampling defaults for ``generate``. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "save_dots"),
+    "model.attention_impl": ("auto", "xla"),
+}
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one leaf value against its dataclass field type; ints widen to float."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise ConfigError(
+            f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(str(name), sorted(fields))}")
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.tie_embeddings=false"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that need no devices. Returns ``cfg`` or raises ConfigError."""
+    flat = {
+        f"{section}.{k}": v
+        for section, values in cfg.to_dict().items()
+        for k, v in values.items()
+    }
+    for key, options in _CHOICES.items():
+        if flat[key] not in options:
+            raise ConfigError(f"config key '{key}' is {flat[key]!r}; choose one of {', '.join(options)}")
+    m = cfg.model
+    positive = ["vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"]
+    for name in positive:
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+            "grouped-query attention needs whole groups"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"config key 'model.head_dim' must be even for RoPE, got {m.head_dim}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be positive or -1 (fill), got {size}")
+    if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    tensor = cfg.mesh.tensor
+    if tensor > 0:
+        for name in ("num_heads", "num_kv_heads"):
+            if getattr(m, name) % tensor:
+                raise ConfigError(
+                    f"model.{name}={getattr(m, name)} is not divisible by mesh.tensor={tensor}; "
+                    f"pick a tensor size that divides it"
+                )
+    t = cfg.train
+    for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"config key 'train.{name}' must be positive, got {getattr(t, name)}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"config key 'data.seq_len' must be at least 2, got {cfg.data.seq_len}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.checkpoint.save_every <= 0 or cfg.checkpoint.keep <= 0:
+        raise ConfigError("config keys 'checkpoint.save_every' and 'checkpoint.keep' must be positive")
+    d = cfg.decode
+    if d.temperature < 0 or d.top_k < 0 or not 0.0 < d.top_p <= 1.0 or d.max_new_tokens <= 0:
+        raise ConfigError(
+            "decode needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens > 0, "
+            f"got {d.temperature}, {d.top_k}, {d.top_p}, {d.max_new_tokens}"
+        )
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+    return config_from_dict(_merge(data, parse_overrides(overrides)))
+

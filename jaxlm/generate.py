@@ -1,0 +1,135 @@
+"""Decoding: one jitted prefill over the prompts, then a compiled loop of one-token steps.
+
+Both go through the same ``model(tokens, positions, cache)`` call as training. Prompts of
+different lengths are right-padded into one batch; each sequence continues from its own length
+(its next token is written at position ``length + i``), so padding never leaks into the output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tokenizers import Tokenizer
+
+from jaxlm.cache import init_cache
+from jaxlm.config import ConfigError, DecodeConfig
+from jaxlm.data import eos_id as tokenizer_eos_id
+from jaxlm.data import load_tokenizer
+from jaxlm.model import Transformer
+from sharding.rules import LOGICAL_RULES, mesh_axis_size
+
+_BUCKET = 16  # prompt and cache lengths are rounded up to this, to reuse compiled programs
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next tokens ``[batch]`` int32. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    All three knobs may be traced scalars, so one compiled program serves every setting.
+    Ties at the top-k or top-p threshold are kept.
+    """
+    logits = logits_BxV.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vocab = logits.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, vocab - 1)[None, None].repeat(desc.shape[0], 0), axis=-1)
+    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+    desc = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+    keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.take_along_axis(desc, keep - 1, axis=-1)
+    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature == 0, greedy, sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_len"))
+def _generate(model, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos, *, max_new_tokens, cache_len):
+    B, T = tokens_BxT.shape
+    cache = init_cache(model.cfg, B, cache_len)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, cache = model(tokens_BxT, positions, cache)
+    last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    rng, sub = jax.random.split(rng)
+    token = sample_logits(last_BxV, sub, temperature, top_k, top_p)
+    out = jnp.full((B, max_new_tokens), -1, jnp.int32)
+    done = jnp.zeros((B,), bool)
+
+    def cond(carry):
+        i, _, _, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, rng, out, done = carry
+        out = out.at[:, i].set(jnp.where(done, -1, token))
+        done = done | (token == eos)
+        logits, cache = model(token[:, None], (lengths_B + i)[:, None], cache)
+        rng, sub = jax.random.split(rng)
+        token = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
+        return i + 1, token, cache, rng, out, done
+
+    carry = (jnp.int32(0), token, cache, rng, out, done)
+    return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def generate_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: DecodeConfig = DecodeConfig(),
+    *,
+    eos_id: int | None = None,
+    mesh: Mesh | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new ids, stopping after EOS (kept) or max tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    n = len(prompts)
+    batch = n
+    if mesh is not None:  # the batch is split over the data-parallel axes: pad it to fit
+        batch = _round_up(n, mesh_axis_size(mesh, LOGICAL_RULES["batch"]))
+    lengths = np.array([len(p) for p in prompts] + [len(prompts[-1])] * (batch - n), np.int32)
+    T = _round_up(int(lengths.max()), _BUCKET)
+    tokens = np.zeros((batch, T), np.int32)
+    for i in range(batch):
+        p = prompts[min(i, n - 1)]
+        tokens[i, : len(p)] = p
+    cache_len = _round_up(T + cfg.max_new_tokens, _BUCKET)
+    args = (
+        model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
+        jnp.float32(cfg.temperature), jnp.int32(cfg.top_k), jnp.float32(cfg.top_p),
+        jnp.int32(-1 if eos_id is None else eos_id),
+    )
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, cache_len=cache_len)
+    if mesh is None:
+        out = _generate(*args, **kwargs)
+    else:
+        with jax.set_mesh(mesh):
+            out = _generate(*args, **kwargs)
+    out = np.asarray(jax.device_get(out))[:n]
+    return [[int(t) for t in row if t >= 0] for row in out]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[str],
+    cfg: DecodeConfig = DecodeConfig(),
+    *,
+    tokenizer: Tokenizer | None = None,
+    mesh: Mesh | None = None,
+) -> list[str]:
+    """Text in, text out: each prompt's continuation (without the prompt)."""
+    tokenizer = tokenizer or load_tokenizer()
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    eos = tokenizer_eos_id(tokenizer)
+    new = generate_tokens(model, ids, cfg, eos_id=eos, mesh=mesh)
+    return [tokenizer.decode([t for t in seq if t != eos]) for seq in new]

@@ -1,0 +1,183 @@
+"""The decoder-only transformer (Llama family) as Flax NNX modules.
+
+One call serves training, prefill and decoding::
+
+    logits_BxTxV, cache = model(tokens_BxT, positions_BxT, cache=None, segment_ids_BxT=None)
+
+Every parameter carries its logical axis names in the ``out_sharding`` metadata; where those
+names land on the mesh is decided by ``sharding.rules`` alone (see :func:`jaxlm.sharded.build_model`).
+Parameters are stored in ``param_dtype`` and cast to ``compute_dtype`` at use; RMSNorm, RoPE,
+softmax and the logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.cache import KVCache, write
+from jaxlm.config import ModelConfig
+from pallas_kernels import attention
+from sharding.rules import constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float, dtype: Any) -> nnx.Param:
+    init = jax.nn.initializers.truncated_normal(std)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(dtype)), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: Any):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(dtype)), out_sharding=("norm",))
+        self.eps = eps
+
+    def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
+        x = x_BxTxE.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)[None, None, :]).astype(x_BxTxE.dtype)
+
+
+def rope_angles(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) of shape ``[batch, seq, head_dim // 2]``, float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_BxTxHxD: jax.Array, sin_BxTxF: jax.Array, cos_BxTxF: jax.Array) -> jax.Array:
+    """Rotate the two halves of head_dim (the Llama / Hugging Face convention)."""
+    x = x_BxTxHxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    sin, cos = sin_BxTxF[:, :, None, :], cos_BxTxF[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        E, H, K, D = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        std, pd = cfg.init_std, cfg.param_dtype
+        self.wq = _param(rngs, (E, H, D), ("embed", "heads", "head_dim"), std, pd)
+        self.wk = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wo = _param(rngs, (H, D, E), ("heads", "head_dim", "embed"), std / (2 * cfg.num_layers) ** 0.5, pd)
+        self.cfg = cfg
+
+    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+        q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wq[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wk[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wv[...].astype(dt))
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
+        if kv is None:  # training: keys are this call's tokens
+            k_all, v_all, kv_pos, segs = k, v, positions_BxT, segment_ids_BxT
+        else:  # prefill / decode: write into the cache, attend over all of it (masked by position)
+            k_cache, v_cache = kv
+            start = positions_BxT[:, 0]
+            k_all, v_all = write(k_cache, k, start), write(v_cache, v, start)
+            kv = (k_all, v_all)
+            kv_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=positions_BxT.dtype), k_all.shape[:2])
+            segs = None
+        out = attention(
+            q, k_all, v_all, q_positions=positions_BxT, kv_positions=kv_pos, segment_ids=segs,
+            impl=cfg.attention_impl,
+        )
+        out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
+        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(x @ gate) * (x @ up))``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        E, F, std, pd = cfg.embed_dim, cfg.mlp_dim, cfg.init_std, cfg.param_dtype
+        self.w_gate = _param(rngs, (E, F), ("embed", "mlp"), std, pd)
+        self.w_up = _param(rngs, (E, F), ("embed", "mlp"), std, pd)
+        self.w_down = _param(rngs, (F, E), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5, pd)
+        self.dtype = jnp.dtype(cfg.compute_dtype)
+
+    def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate = jnp.einsum("bte,ef->btf", x_BxTxE, self.w_gate[...].astype(dt))
+        up = jnp.einsum("bte,ef->btf", x_BxTxE, self.w_up[...].astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        return jnp.einsum("btf,fe->bte", h, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
+        h, kv = self.attn(self.attn_norm(x_BxTxE), sin, cos, positions_BxT, segment_ids_BxT, kv)
+        x = constrain(x_BxTxE + h, ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        return x, kv
+
+
+class Transformer(nnx.Module):
+    """Embedding -> ``num_layers`` pre-norm blocks (stacked on a ``layers`` axis) -> norm -> head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
+
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        cache: KVCache | None = None,
+        segment_ids_BxT: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits ``[batch, seq, vocab]`` (float32) and the updated cache (None when none given)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        sin, cos = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, params_and_kv):
+            params, kv = params_and_kv
+            return nnx.merge(graphdef, params)(x, sin, cos, positions_BxT, segment_ids_BxT, kv)
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        kv_stack = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
+        if cfg.scan_layers:
+            x, kv_stack = jax.lax.scan(layer, x, (stacked, kv_stack))
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                x, kv_i = layer(x, jax.tree.map(lambda a: a[i], (stacked, kv_stack)))
+                outs.append(kv_i)
+            kv_stack = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        new_cache = None if cache is None else KVCache(*kv_stack)
+        return logits, new_cache

@@ -1,0 +1,10 @@
+"""Attention (and, later, matmul) cores: kernels, their pure-JAX references, and the dispatch.
+
+The model calls only :func:`attention`; :mod:`pallas_kernels.dispatch` decides which
+implementation runs for the platform and config, in one place.
+"""
+
+from pallas_kernels.dispatch import ATTENTION_IMPLS, attention, resolve_attention_impl
+from pallas_kernels.reference import attention_reference
+
+__all__ = ["ATTENTION_IMPLS", "attention", "attention_reference", "resolve_attention_impl"]

@@ -1,0 +1,50 @@
+"""Devices -> a ``jax.sharding.Mesh`` with named axes ``(data, fsdp, tensor)``.
+
+Axis types are ``Auto`` on purpose: the model states the layout it wants through logical-axis
+constraints (``sharding.rules``) and GSPMD inserts the collectives. ``Explicit`` axes would make
+every ambiguous op (an embedding gather, a reshape across a sharded dim) demand a hand-written
+reshard, which doubles model code for no gain at this size; explicit collectives are written with
+``shard_map`` where we want them (kernels, ring attention, pipelines).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxlm.config import ConfigError, MeshConfig
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+
+def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Sizes for ``MESH_AXES``, with a single ``-1`` filled so the product is ``num_devices``."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: "
+                f"{known} does not divide {num_devices}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
+            f"{num_devices} devices; set one axis to -1 to fill the rest"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the mesh over ``devices`` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(cfg, len(devices))
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    # A subset of devices (tests, notebooks): keep the given order.
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
