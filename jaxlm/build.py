@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.model import Transformer
-from sharding.rules import LOGICAL_RULES, logical_spec, mesh_axis_size
+from sharding.rules import logical_spec, mesh_axis_size
 
 
 def _variable_sharding(path: tuple, var: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -38,6 +38,27 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+
+
+def like_param_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that mirrors the parameters (optimizer moments, gradients).
+
+    A leaf whose key path ends with a parameter's key path and has its shape takes that
+    parameter's sharding; anything else (step counters, factored statistics) is replicated.
+    """
+    by_path = {
+        jax.tree_util.keystr(p): (x.shape, s)
+        for (p, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))
+    }
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, (shape, sharding) in by_path.items():
+            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -64,4 +85,4 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-__all__ = ["abstract_model", "build_model", "state_shardings", "replicated", "LOGICAL_RULES"]
+__all__ = ["abstract_model", "build_model", "like_param_shardings", "replicated", "state_shardings"]

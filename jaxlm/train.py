@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm.build import abstract_model, replicated, state_shardings
+from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
@@ -60,7 +60,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -82,12 +82,8 @@ class Trainer:
         self.schedule = learning_rate_schedule(cfg.train)
         self.param_shardings = state_shardings(abstract, mesh)
         self.abstract_params = abstract
-        with jax.set_mesh(mesh):
-            init = jax.jit(self.tx.init).lower(
-                jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.param_shardings)
-            )
         self.abstract_opt_state = jax.eval_shape(self.tx.init, abstract)
-        self.opt_shardings = init.compile().output_shardings
+        self.opt_shardings = like_param_shardings(self.abstract_opt_state, abstract, self.param_shardings, mesh)
         self.shardings = TrainState(replicated(mesh), self.param_shardings, self.opt_shardings)
         batch_sharding = logical_sharding(mesh, ("batch", "seq"))
         self._step = jax.jit(
@@ -173,8 +169,6 @@ def train(
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     else:
         if model is None:
-            from jaxlm.build import build_model
-
             model = build_model(cfg.model, mesh, seed=cfg.train.seed)
         state, position = trainer.init_state(nnx.state(model)), 0
 

@@ -1,0 +1,82 @@
+"""Checkpoints: reshard on restore, bit-identical resume, and refusals that keep saved data intact."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import ConfigError, MeshConfig
+from sharding.mesh import make_mesh
+from tests.conftest import tiny_config
+
+QUIET = dict(log=lambda _: None)
+
+
+def _run_cfg(directory, *extra):
+    return tiny_config(
+        "train.steps=6", "train.warmup_steps=2", "train.eval_every=100", "train.eval_batches=1",
+        f"checkpoint.dir={directory}", "checkpoint.save_every=3", "checkpoint.keep=3", *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, devices):
+    d = tmp_path_factory.mktemp("full")
+    mesh = make_mesh(MeshConfig(fsdp=8), devices)
+    return d, jaxlm.train(_run_cfg(d), mesh=mesh, **QUIET)
+
+
+def test_resume_after_interruption_is_bit_identical(uninterrupted, tmp_path, devices):
+    full_dir, full = uninterrupted
+    mesh = make_mesh(MeshConfig(fsdp=8), devices)
+    # a run that was killed after its step-3 checkpoint: copy the run and drop step 6
+    shutil.copytree(full_dir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "6")
+    resumed = jaxlm.train(_run_cfg(tmp_path / "run"), mesh=mesh, **QUIET)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
+    for a, b in zip(jax.tree.leaves(nnx.state(resumed.model)), jax.tree.leaves(nnx.state(full.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta = Checkpointer(tmp_path / "run", create=False).read_meta()
+    assert meta["step"] == 6 and meta["data_position"] == 6
+
+
+@pytest.mark.parametrize("target", [MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(tensor=2, fsdp=-1), None])
+def test_restore_onto_another_mesh(uninterrupted, devices, target):
+    full_dir, full = uninterrupted
+    mesh = make_mesh(MeshConfig(), devices[:1]) if target is None else make_mesh(target, devices)
+    model, cfg = jaxlm.restore(full_dir, mesh=mesh)
+    assert cfg.model == full.model.cfg
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(full.model))):
+        assert a.sharding.mesh.shape == mesh.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wq = model.blocks.attn.wq[...]
+    assert wq.sharding.spec[2] == "tensor"
+
+
+def test_incompatible_run_directory_is_refused_and_untouched(uninterrupted, tmp_path, devices):
+    full_dir, _ = uninterrupted
+    shutil.copytree(full_dir, tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ConfigError, match=r"holds a run with a different model \(model.embed_dim differ\)"):
+        jaxlm.train(_run_cfg(tmp_path / "run", "model.embed_dim=32"), mesh=make_mesh(MeshConfig(), devices[:1]), **QUIET)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_missing_and_corrupt_checkpoints(uninterrupted, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        jaxlm.restore(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint found"):
+        jaxlm.restore(tmp_path / "empty")
+    full_dir, _ = uninterrupted
+    shutil.copytree(full_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match="checkpoint step 5 not found"):
+        jaxlm.restore(tmp_path / "run", step=5)
+    shutil.rmtree(tmp_path / "run" / "6" / "params")
+    with pytest.raises(ConfigError, match="checkpoint step 6 .* cannot be restored"):
+        jaxlm.restore(tmp_path / "run")

@@ -1,0 +1,85 @@
+"""Training gives the same numbers on every mesh layout, and it learns."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm.build import build_model
+from jaxlm.config import MeshConfig
+from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
+from jaxlm.train import Trainer, cross_entropy
+from sharding.mesh import make_mesh
+from tests.conftest import tiny_config
+
+# 8 query and 8 kv heads, so every axis (tensor=8 included) divides the model
+MESH_CFG = ("model.num_heads=8", "model.num_kv_heads=8", "model.head_dim=8", "train.steps=3", "train.warmup_steps=1")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config(*MESH_CFG)
+    splits = tokenize_corpus(cfg.data, load_tokenizer())
+    sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    windows = [sampler.batch(i) for i in range(3)]
+    params = jax.device_get(nnx.state(build_model(cfg.model, seed=0)))
+    return cfg, windows, params
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(setup, devices):
+    cfg, windows, params = setup
+    return _losses(cfg, windows, params, make_mesh(MeshConfig(), devices[:1]))[0]
+
+
+def _losses(cfg, windows, params, mesh):
+    trainer = Trainer(cfg, mesh)
+    state = trainer.init_state(params)
+    losses = []
+    for w in windows:
+        state, metrics = trainer.step(state, to_global_batch(w, mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), state
+
+
+def test_cross_entropy_matches_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 11)) * 3
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    want = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(targets)[..., None], -1))
+    np.testing.assert_allclose(cross_entropy(logits, targets), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        MeshConfig(data=8, fsdp=1, tensor=1),
+        MeshConfig(data=1, fsdp=8, tensor=1),
+        MeshConfig(data=1, fsdp=4, tensor=2),
+        MeshConfig(data=1, fsdp=1, tensor=8),
+        MeshConfig(data=2, fsdp=2, tensor=2),
+    ],
+    ids=["data8", "fsdp8", "fsdp4_tensor2", "tensor8", "data2_fsdp2_tensor2"],
+)
+def test_three_steps_same_losses_on_every_mesh(setup, single_device_losses, devices, mesh_cfg):
+    cfg, windows, params = setup
+    single = single_device_losses
+    assert single[2] < single[0]
+    sharded, _ = _losses(cfg, windows, params, make_mesh(mesh_cfg, devices))
+    np.testing.assert_allclose(sharded, single, rtol=2e-5)
+
+
+def test_notebook_path_learns_on_one_device(devices):
+    cfg = tiny_config("train.steps=40", "train.eval_every=40")
+    result = jaxlm.train(cfg, mesh=make_mesh(MeshConfig(), devices[:1]), log=lambda _: None)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert result.val_loss_after < result.val_loss_before - 1.0
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "step"} <= set(result.history[0])
+    assert result.history[0]["lr"] == 0.0 and result.history[5]["lr"] == pytest.approx(cfg.train.learning_rate, rel=1e-6)
+
+
+def test_batch_must_divide_data_parallel_size(devices):
+    cfg = tiny_config("train.batch_size=6")
+    with pytest.raises(jaxlm.ConfigError, match=r"train.batch_size=6 is not divisible by the data-parallel size 8"):
+        Trainer(cfg, make_mesh(MeshConfig(fsdp=8), devices))
