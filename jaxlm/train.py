@@ -105,6 +105,11 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._step(state, batch)
 
+    def lower_step(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
+        """The lowered train step, for inspecting compile time and memory."""
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(state, batch)
+
     def loss(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return self._loss(params, batch)
@@ -216,7 +221,8 @@ def train(
         if step % t.eval_every == 0 and step != t.steps:
             record(*pending)
             pending = None
-            say(f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}")
+            message = f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}"
+            bar.write(message) if bar is not None else say(message)
     if pending is not None:
         record(*pending)
     if bar is not None:
