@@ -29,21 +29,10 @@ def _generate(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cfg.decode)} and v is not None}
     decode = dataclasses.replace(cfg.decode, **overrides)
     cfg = jaxlm.config.validate(cfg.replace(decode=decode))
-    mesh = jaxlm.make_mesh(cfg.mesh) if _fits(cfg) else None
-    outs = jaxlm.generate(model, args.prompt, cfg.decode, tokenizer=jaxlm.load_tokenizer(cfg.data.tokenizer_path), mesh=mesh)
+    outs = jaxlm.generate(model, args.prompt, cfg.decode, tokenizer=jaxlm.load_tokenizer(cfg.data.tokenizer_path))
     for prompt, out in zip(args.prompt, outs):
         print(f"--- prompt: {prompt!r}")
         print(prompt + out)
-
-
-def _fits(cfg) -> bool:
-    import jaxlm
-
-    try:
-        jaxlm.make_mesh(cfg.mesh)
-        return True
-    except jaxlm.ConfigError:
-        return False
 
 
 def _rules(_: argparse.Namespace) -> None:

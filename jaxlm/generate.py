@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
 
 from jaxlm.cache import init_cache
@@ -78,6 +78,12 @@ def _generate(model, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos,
     return jax.lax.while_loop(cond, body, carry)[4]
 
 
+def model_mesh(model: Transformer) -> Mesh | None:
+    """The mesh the model's parameters live on, or None for a single-device model."""
+    sharding = getattr(model.embed[...], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -90,7 +96,11 @@ def generate_tokens(
     eos_id: int | None = None,
     mesh: Mesh | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt (token ids); returns the new ids, stopping after EOS (kept) or max tokens."""
+    """Continue each prompt (token ids); returns the new ids, stopping after EOS (kept) or max tokens.
+
+    Runs on ``mesh``, by default the mesh the model's parameters live on.
+    """
+    mesh = model_mesh(model) if mesh is None else mesh
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     n = len(prompts)

@@ -92,3 +92,15 @@ def test_sampling_filters():
     p = float(cum[4]) - 1e-4  # needs the first five tokens
     assert set(_draws(logits, n, top_p=p)) == set(order[:5])
     assert set(_draws(logits, 256, top_p=1e-6)) == {order[0]}
+
+
+def test_generation_runs_on_the_models_own_mesh(model, devices):
+    from flax import nnx
+
+    from jaxlm.build import state_shardings
+    from jaxlm.generate import model_mesh
+
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2), devices)
+    sharded = nnx.merge(nnx.graphdef(model), jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh)))
+    assert model_mesh(model) is None and model_mesh(sharded) is mesh
+    assert generate_tokens(sharded, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)

@@ -1,5 +1,7 @@
 """Training gives the same numbers on every mesh layout, and it learns."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -83,3 +85,12 @@ def test_batch_must_divide_data_parallel_size(devices):
     cfg = tiny_config("train.batch_size=6")
     with pytest.raises(jaxlm.ConfigError, match=r"train.batch_size=6 is not divisible by the data-parallel size 8"):
         Trainer(cfg, make_mesh(MeshConfig(fsdp=8), devices))
+
+
+def test_bf16_compute_trains_like_fp32(setup, single_device_losses, devices):
+    cfg, windows, params = setup
+    bf16 = cfg.replace(model=dataclasses.replace(cfg.model, compute_dtype="bfloat16"))
+    losses, state = _losses(bf16, windows, params, make_mesh(MeshConfig(), devices[:1]))
+    # master weights stay float32; the losses follow float32's within bf16 rounding
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-2)
