@@ -11,6 +11,9 @@ Backward (``jax.custom_vjp``) recomputes probabilities from that log-sum-exp in 
 one per (query block, batch, query head) for dq, and one per (key block, batch, kv head) for
 dk/dv that walks every query block of all ``G`` query heads sharing the kv head, so the sum
 over the group happens in registers rather than in a ``[B, S, H, D]`` temporary.
+Every kernel checks each (query block, key block) tile against positions and segments first and
+skips the matmuls of a tile no pair of which is visible (``lax.cond``), so causal masking costs
+about half the dense work without assuming positions are sorted.
 
 Any sequence length works: the wrapper pads T and S up to the block sizes (padded keys are
 masked by index, padded queries see nothing) and pads head_dim to a power of two >= 16, then
@@ -75,6 +78,16 @@ def _visible(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, kv_start):
     return mask
 
 
+def _when_visible(mask, update, carry):
+    """``update(carry)`` if any pair of the tile is visible, else ``carry`` unchanged.
+
+    Skips the matmuls of tiles that are wholly masked (the upper triangle under causal masking,
+    other documents, unwritten cache), whatever the layout of positions and segments.
+    """
+    any_visible = jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
+    return lax.cond(any_visible, update, lambda c: c, carry)
+
+
 def _compiler_params(head_dim: int):
     return plt.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
@@ -95,21 +108,25 @@ def _fwd_kernel(*refs, cfg: _Config, has_segments: bool, num_kv_blocks: int):
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
-        k = k_ref[kv_slice, :]
-        v = v_ref[kv_slice, :]
         kv_seg = None if kvseg_ref is None else kvseg_ref[kv_slice]
         mask = _visible(cfg, q_pos, kvpos_ref[kv_slice], q_seg, kv_seg, start)
-        s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)  # [bq, bk] f32
-        s = jnp.where(mask, s, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-        return acc, m_next, l_next
+
+        def update(carry):
+            acc, m_prev, l_prev = carry
+            k = k_ref[kv_slice, :]
+            v = v_ref[kv_slice, :]
+            s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)  # [bq, bk] f32
+            s = jnp.where(mask, s, _MASK_VALUE)
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+            l_next = alpha * l_prev + jnp.sum(p, axis=1)
+            acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+            return acc, m_next, l_next
+
+        return _when_visible(mask, update, carry)
 
     acc0 = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
     m0 = jnp.full((bq,), _MASK_VALUE, jnp.float32)
@@ -187,15 +204,19 @@ def _dq_kernel(*refs, cfg: _Config, has_segments: bool, num_kv_blocks: int):
     def body(j, dq):
         start = pl.multiple_of(j * bk, bk)
         kv_slice = pl.ds(start, bk)
-        k = k_ref[kv_slice, :]
-        v = v_ref[kv_slice, :]
         kv_seg = None if kvseg_ref is None else kvseg_ref[kv_slice]
         mask = _visible(cfg, q_pos, kvpos_ref[kv_slice], q_seg, kv_seg, start)
-        s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, v, contract_b=1)
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+
+        def update(dq):
+            k = k_ref[kv_slice, :]
+            v = v_ref[kv_slice, :]
+            s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)
+            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, v, contract_b=1)
+            ds = p * (dp - delta[:, None])
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        return _when_visible(mask, update, dq)
 
     dq = jnp.zeros((cfg.block_q, q_ref.shape[-1]), jnp.float32)
     dq = lax.fori_loop(0, num_kv_blocks, body, dq)
@@ -217,24 +238,28 @@ def _dkdv_kernel(*refs, cfg: _Config, has_segments: bool, num_q_blocks: int, gro
     kv_start = pl.program_id(0) * bk
 
     def body(n, carry):
-        dk, dv = carry
         # n >= 0, so truncating div/rem suffice (jnp's floor // and % do not lower to Triton)
         g = lax.div(n, jnp.int32(num_q_blocks))  # query head within the group
         start = pl.multiple_of(lax.rem(n, jnp.int32(num_q_blocks)) * bq, bq)
         q_slice = pl.ds(start, bq)
-        q = q_ref[q_slice, g, :]
-        do = do_ref[q_slice, g, :]
-        lse = lse_ref[g, q_slice]
-        delta = delta_ref[g, q_slice]
         q_seg = None if qseg_ref is None else qseg_ref[q_slice]
         mask = _visible(cfg, qpos_ref[q_slice], kv_pos, q_seg, kv_seg, kv_start)
-        s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
-        dv = dv + _dot(p.astype(do.dtype), do, contract_a=0)
-        dp = _dot(do, v, contract_b=1)
-        ds = p * (dp - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, contract_a=0)
-        return dk, dv
+
+        def update(carry):
+            dk, dv = carry
+            q = q_ref[q_slice, g, :]
+            do = do_ref[q_slice, g, :]
+            lse = lse_ref[g, q_slice]
+            delta = delta_ref[g, q_slice]
+            s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)
+            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
+            dv = dv + _dot(p.astype(do.dtype), do, contract_a=0)
+            dp = _dot(do, v, contract_b=1)
+            ds = p * (dp - delta[:, None])
+            dk = dk + _dot(ds.astype(q.dtype), q, contract_a=0)
+            return dk, dv
+
+        return _when_visible(mask, update, carry)
 
     zeros = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
     dk, dv = lax.fori_loop(0, group * num_q_blocks, body, (zeros, zeros))

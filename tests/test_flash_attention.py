@@ -192,3 +192,14 @@ def test_padded_keys_invisible_even_to_the_largest_position():
         "kv_positions_BxS": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
     }
     _check_forward(q, k, v, kw)
+
+
+def test_wholly_masked_tiles_are_skipped():
+    # Causal, two 16-blocks: the first query block never touches the second key block, so even
+    # NaN values there (garbage in an unwritten cache, say) cannot reach its rows.
+    B, T, H, K, D = 1, 32, 2, 1, 16
+    q, k, v = _inputs(15, B, T, T, H, K, D)
+    kw = _causal(B, T)
+    poisoned = v.at[:, 16:].set(jnp.nan)
+    got = _run(_kernel, q, k, poisoned, kw)[:, :16]
+    _close(got, _run(attention_reference, q, k, v, kw)[:, :16], TOL[jnp.float32])
