@@ -5,6 +5,7 @@ implementation runs for the platform and config, in one place.
 """
 
 from pallas_kernels.dispatch import ATTENTION_IMPLS, attention, resolve_attention_impl
+from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
 
-__all__ = ["ATTENTION_IMPLS", "attention", "attention_reference", "resolve_attention_impl"]
+__all__ = ["ATTENTION_IMPLS", "attention", "attention_reference", "flash_attention", "resolve_attention_impl"]
