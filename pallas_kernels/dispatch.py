@@ -1,34 +1,56 @@
 """Which attention implementation runs, decided in one table by (impl, platform).
 
-``auto`` resolves per platform; an explicit choice that cannot run raises one line. Pallas GPU
-kernels register here as they land; until then every platform uses the XLA reference, and the
-choice is reported once (loudly) rather than taken silently on an accelerator.
+* ``xla``    - :func:`pallas_kernels.reference.attention_reference`, any platform.
+* ``pallas`` - :func:`pallas_kernels.flash_attention.flash_attention` (Triton); on CPU it runs
+  in the Pallas interpreter, for debugging. Under a mesh it runs per shard in ``shard_map``
+  (batch over the data axes, heads over ``tensor``), so it composes with every layout.
+* ``auto``   - the XLA path on every platform until the Pallas kernels have been timed and
+  verified on GPU hardware; on an accelerator this choice is announced once, never silent.
+
+An impossible choice raises one line.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 
-from jaxlm.config import ConfigError
+from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
 
-ATTENTION_IMPLS = {"xla": attention_reference}
+ATTENTION_IMPLS = ("xla", "pallas")
 _AUTO = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
+_PALLAS_PLATFORMS = ("cpu", "gpu", "cuda")  # cpu = interpreter
 
 
 def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
-    """Map a config value (``auto`` | ``xla``) to a concrete implementation name."""
+    """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
+    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
+
     platform = platform or jax.default_backend()
     if impl == "auto":
         name = _AUTO.get(platform, "xla")
         if platform != "cpu" and name == "xla":  # loud, never a silent slow path (shown once)
-            warnings.warn(f"attention: no Pallas kernel registered for {platform} yet; using the XLA reference")
+            warnings.warn(
+                f"attention: using the XLA reference on {platform}; set model.attention_impl=pallas "
+                "for the Pallas flash-attention kernel"
+            )
         return name
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl '{impl}' is not available; choose one of auto, {', '.join(ATTENTION_IMPLS)}")
+    if impl == "pallas" and platform not in _PALLAS_PLATFORMS:
+        raise ConfigError(f"attention_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
     return impl
+
+
+def _pallas(q, k, v, q_pos, kv_pos, *segs, interpret: bool):
+    seg = segs[0] if segs else None
+    return flash_attention(
+        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
+        q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, interpret=interpret,
+    )
 
 
 def attention(q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str = "auto"):
@@ -37,11 +59,21 @@ def attention(q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str
     ``segment_ids`` (``[batch, q_len]``) apply only when queries and keys are the same tokens
     (training on packed documents); cached decoding masks by positions alone.
     """
-    fn = ATTENTION_IMPLS[resolve_attention_impl(impl)]
-    return fn(
-        q, k, v,
-        q_positions_BxT=q_positions,
-        kv_positions_BxS=kv_positions,
-        q_segment_ids_BxT=segment_ids,
-        kv_segment_ids_BxS=segment_ids,
-    )
+    name = resolve_attention_impl(impl)
+    if name == "xla":
+        return attention_reference(
+            q, k, v, q_positions_BxT=q_positions, kv_positions_BxS=kv_positions,
+            q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids,
+        )
+    from sharding.rules import logical_spec
+
+    fn = functools.partial(_pallas, interpret=jax.default_backend() == "cpu")
+    args = (q, k, v, q_positions, kv_positions) + (() if segment_ids is None else (segment_ids,))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
+    tokens = logical_spec(("batch", "seq"))
+    specs = (heads, heads, heads, tokens, tokens) + (() if segment_ids is None else (tokens,))
+    # check_vma off: the Pallas interpreter and Triton calls carry no varying-axes annotations
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)

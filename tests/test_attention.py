@@ -62,8 +62,11 @@ def test_bf16_inputs_keep_float32_softmax():
 
 def test_dispatch_rejects_unknown_impl():
     assert resolve_attention_impl("auto", "cpu") == "xla"
-    with pytest.raises(ConfigError, match="attention_impl 'pallas' is not available"):
-        resolve_attention_impl("pallas", "cpu")
+    assert resolve_attention_impl("pallas", "cpu") == "pallas"  # the interpreter
+    with pytest.raises(ConfigError, match="attention_impl 'pallas' has no kernel for platform 'tpu'"):
+        resolve_attention_impl("pallas", "tpu")
+    with pytest.raises(ConfigError, match="attention_impl 'flash' is not available"):
+        resolve_attention_impl("flash", "cpu")
     q = jnp.ones((1, 2, 2, 4))
     with pytest.raises(ConfigError):
         attention(q, q, q, q_positions=jnp.zeros((1, 2), jnp.int32), kv_positions=jnp.zeros((1, 2), jnp.int32), impl="cudnn")

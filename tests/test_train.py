@@ -94,3 +94,13 @@ def test_bf16_compute_trains_like_fp32(setup, single_device_losses, devices):
     # master weights stay float32; the losses follow float32's within bf16 rounding
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
     np.testing.assert_allclose(losses, single_device_losses, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(), MeshConfig(data=2, fsdp=2, tensor=2)], ids=["one_device", "data2_fsdp2_tensor2"])
+def test_pallas_attention_in_the_train_step_matches_xla(setup, single_device_losses, devices, mesh_cfg):
+    """The flash kernel (Pallas interpreter on CPU), per shard under shard_map, inside the jitted step."""
+    cfg, windows, params = setup
+    pallas = cfg.replace(model=dataclasses.replace(cfg.model, attention_impl="pallas"))
+    mesh = make_mesh(mesh_cfg, devices[:1] if mesh_cfg == MeshConfig() else devices)
+    losses, _ = _losses(pallas, windows[:2], params, mesh)
+    np.testing.assert_allclose(losses, single_device_losses[:2], rtol=2e-5)
