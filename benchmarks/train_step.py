@@ -15,6 +15,7 @@ import pathlib
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxlm.build import build_model
@@ -22,8 +23,6 @@ from jaxlm.config import MeshConfig, load_config
 from jaxlm.data import to_global_batch
 from jaxlm.train import Trainer
 from sharding.mesh import make_mesh
-
-import numpy as np
 
 
 def bench_one(cfg, mesh, steps: int) -> dict:
