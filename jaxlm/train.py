@@ -222,7 +222,10 @@ def train(
             record(*pending)
             pending = None
             message = f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}"
-            bar.write(message) if bar is not None else say(message)
+            if bar is not None:
+                bar.write(message)  # printed above the bar, not into it
+            else:
+                say(message)
     if pending is not None:
         record(*pending)
     if bar is not None:
