@@ -106,8 +106,11 @@ def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = 
     """Load a trained model from a run directory onto ``mesh``. Returns ``(model, config)``.
 
     Without a mesh, uses the run's own mesh layout when it fits the devices present, otherwise
-    FSDP over all devices.
+    FSDP over all devices. A sequence (context-parallel) axis is folded into FSDP: decoding
+    feeds one token at a time, which cannot be split along the sequence.
     """
+    import dataclasses
+
     from flax import nnx
 
     from jaxlm.build import abstract_model, state_shardings
@@ -119,7 +122,10 @@ def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = 
         cfg = ckpt.read_config(step)
         if mesh is None:
             try:
-                mesh = make_mesh(cfg.mesh)
+                run_mesh = cfg.mesh
+                if run_mesh.sequence != 1:
+                    run_mesh = dataclasses.replace(run_mesh, fsdp=-1, sequence=1)
+                mesh = make_mesh(run_mesh)
             except ConfigError:
                 mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
         graphdef, abstract = abstract_model(cfg.model)

@@ -43,6 +43,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
     remat: str = "none"  # none | full | save_dots
     attention_impl: str = "auto"  # auto | xla | pallas  (see pallas_kernels.dispatch)
+    context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class MeshConfig:
 
     data: int = 1
     fsdp: int = -1
+    sequence: int = 1  # context parallelism: the sequence is split this many ways
     tensor: int = 1
 
 
@@ -127,6 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention_impl": ("auto", "xla", "pallas"),
+    "model.context_impl": ("all_gather", "ring"),
 }
 
 
@@ -214,12 +217,19 @@ def validate(cfg: Config) -> Config:
         )
     if m.head_dim % 2:
         raise ConfigError(f"config key 'model.head_dim' must be even for RoPE, got {m.head_dim}")
-    for axis in ("data", "fsdp", "tensor"):
+    axes = [f.name for f in dataclasses.fields(MeshConfig)]
+    for axis in axes:
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"config key 'mesh.{axis}' must be positive or -1 (fill), got {size}")
-    if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
-        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if sum(getattr(cfg.mesh, a) == -1 for a in axes) > 1:
+        raise ConfigError(f"only one of mesh.{', mesh.'.join(axes)} may be -1")
+    sequence = cfg.mesh.sequence
+    if sequence > 1 and cfg.data.seq_len % (2 * sequence):
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must be a multiple of 2 * mesh.sequence={2 * sequence} "
+            "(each sequence shard holds two balanced chunks)"
+        )
     tensor = cfg.mesh.tensor
     if tensor > 0:
         for name in ("num_heads", "num_kv_heads"):

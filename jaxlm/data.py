@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from jaxlm.config import ConfigError, DataConfig
+from sharding.context import load_balance_order, sequence_shards
 from sharding.rules import logical_sharding
 
 EOS_TOKEN = "<|endoftext|>"
@@ -93,13 +94,19 @@ def to_global_batch(windows_BxL1: np.ndarray, mesh: Mesh | None) -> dict[str, ja
     """Split windows into inputs/targets/positions, each laid out on the mesh by batch.
 
     Every process computes the same global windows (cheap for token ids) and places only the
-    shards its own devices hold, so this is correct on one host or many.
+    shards its own devices hold, so this is correct on one host or many. When the mesh splits
+    the sequence, tokens (with their positions and targets) are reordered so every sequence
+    shard gets an equal share of causal work (:func:`sharding.context.load_balance_order`).
     """
     inputs, targets = windows_BxL1[:, :-1], windows_BxL1[:, 1:]
     positions = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)
     host = {"inputs": inputs, "targets": targets, "positions": positions}
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in host.items()}
+    shards = sequence_shards(mesh)
+    if shards > 1:
+        order = load_balance_order(inputs.shape[1], shards)
+        host = {k: v[:, order] for k, v in host.items()}
     sharding = logical_sharding(mesh, ("batch", "seq"))
     return {
         k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: np.ascontiguousarray(v[idx]))

@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tokenizers import Tokenizer
 
@@ -21,6 +22,7 @@ from jaxlm.config import ConfigError, DecodeConfig
 from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
 from jaxlm.model import Transformer
+from sharding.mesh import fold_sequence_axis
 from sharding.rules import LOGICAL_RULES, mesh_axis_size
 
 _BUCKET = 16  # prompt and cache lengths are rounded up to this, to reuse compiled programs
@@ -101,6 +103,11 @@ def generate_tokens(
     Runs on ``mesh``, by default the mesh the model's parameters live on.
     """
     mesh = model_mesh(model) if mesh is None else mesh
+    if mesh is not None and fold_sequence_axis(mesh) is not mesh:  # trained with the sequence split
+        mesh = fold_sequence_axis(mesh)
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+        model = nnx.merge(graphdef, state)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     n = len(prompts)

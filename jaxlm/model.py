@@ -89,7 +89,7 @@ class Attention(nnx.Module):
             segs = None
         out = attention(
             q, k_all, v_all, q_positions=positions_BxT, kv_positions=kv_pos, segment_ids=segs,
-            impl=cfg.attention_impl,
+            impl=cfg.attention_impl, context_impl=cfg.context_impl,
         )
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
         return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), kv

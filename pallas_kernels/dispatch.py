@@ -45,6 +45,13 @@ def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
     return impl
 
 
+def _pallas_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, interpret: bool):
+    return flash_attention(
+        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
+        q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg, interpret=interpret,
+    )
+
+
 def _pallas(q, k, v, q_pos, kv_pos, *segs, interpret: bool):
     seg = segs[0] if segs else None
     return flash_attention(
@@ -53,21 +60,38 @@ def _pallas(q, k, v, q_pos, kv_pos, *segs, interpret: bool):
     )
 
 
-def attention(q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str = "auto"):
+def _xla(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
+    return attention_reference(
+        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg,
+    )
+
+
+def attention(
+    q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str = "auto", context_impl: str = "all_gather"
+):
     """The model's only door to attention. Shapes as in :func:`attention_reference`.
 
     ``segment_ids`` (``[batch, q_len]``) apply only when queries and keys are the same tokens
-    (training on packed documents); cached decoding masks by positions alone.
+    (training on packed documents); cached decoding masks by positions alone. When the current
+    mesh splits the sequence, self-attention goes through :func:`sharding.context.context_attention`
+    (``context_impl``: ``all_gather`` runs the chosen kernel per shard, ``ring`` its own blocks).
     """
+    from sharding.context import context_attention, sequence_shards
+
     name = resolve_attention_impl(impl)
-    if name == "xla":
-        return attention_reference(
-            q, k, v, q_positions_BxT=q_positions, kv_positions_BxS=kv_positions,
-            q_segment_ids_BxT=segment_ids, kv_segment_ids_BxS=segment_ids,
+    interpret = jax.default_backend() == "cpu"
+    if sequence_shards(jax.sharding.get_abstract_mesh()) > 1:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("context parallelism serves self-attention only; decode on a mesh with mesh.sequence=1")
+        local = _xla if name == "xla" else functools.partial(_pallas_local, interpret=interpret)
+        return context_attention(
+            q, k, v, positions_BxT=q_positions, segment_ids_BxT=segment_ids, local=local, impl=context_impl
         )
+    if name == "xla":
+        return _xla(q, k, v, q_positions, kv_positions, segment_ids, segment_ids)
     from sharding.rules import logical_spec
 
-    fn = functools.partial(_pallas, interpret=jax.default_backend() == "cpu")
+    fn = functools.partial(_pallas, interpret=interpret)
     args = (q, k, v, q_positions, kv_positions) + (() if segment_ids is None else (segment_ids,))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

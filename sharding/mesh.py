@@ -1,4 +1,8 @@
-"""Devices -> a ``jax.sharding.Mesh`` with named axes ``(data, fsdp, tensor)``.
+"""Devices -> a ``jax.sharding.Mesh`` with named axes ``(data, fsdp, sequence, tensor)``.
+
+The order runs from the slowest links to the fastest: data and FSDP traffic can cross hosts,
+the sequence ring passes K/V between neighbours, and tensor parallelism, which talks every
+layer, stays innermost.
 
 Axis types are ``Auto`` on purpose: the model states the layout it wants through logical-axis
 constraints (``sharding.rules``) and GSPMD inserts the collectives. ``Explicit`` axes would make
@@ -18,12 +22,12 @@ from jax.sharding import AxisType, Mesh
 
 from jaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "sequence", "tensor")
 
 
 def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     """Sizes for ``MESH_AXES``, with a single ``-1`` filled so the product is ``num_devices``."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -34,7 +38,7 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
+            f"mesh {'*'.join(MESH_AXES)} = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
             f"{num_devices} devices; set one axis to -1 to fill the rest"
         )
     return tuple(sizes)
@@ -48,3 +52,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
     # A subset of devices (tests, notebooks): keep the given order.
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def fold_sequence_axis(mesh: Mesh) -> Mesh:
+    """The same devices with the ``sequence`` axis folded into ``data`` (for decoding).
+
+    Decoding feeds one token per step, which cannot be split along the sequence. Parameters are
+    never split over ``sequence``, so every device keeps exactly the shards it holds.
+    """
+    shape = dict(mesh.shape)
+    if shape.get("sequence", 1) == 1:
+        return mesh
+    d, f, s, t = (shape[a] for a in MESH_AXES)
+    devices = np.asarray(mesh.devices).transpose(0, 2, 1, 3).reshape(d * s, f, 1, t)
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

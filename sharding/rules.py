@@ -2,7 +2,7 @@
 
 Model code names every parameter and activation dimension with a logical name (``embed``,
 ``heads``, ``batch`` ...). This table is the only place those names meet mesh axes, so data
-parallelism, FSDP/ZeRO-3 and Megatron tensor parallelism are all the same code with different
+parallelism, FSDP/ZeRO-3, sequence/context parallelism and Megatron tensor parallelism are all the same code with different
 mesh sizes. Print it with ``python -m sharding.rules``.
 """
 
@@ -18,7 +18,7 @@ MeshAxes = str | tuple[str, ...] | None
 LOGICAL_RULES: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp"),  # the batch is split over every data-parallel axis
-    "seq": None,
+    "seq": "sequence",  # context parallelism; size 1 unless mesh.sequence > 1
     "act_embed": None,  # activations keep the full model width on each device
     "act_heads": "tensor",  # attention heads of q/k/v and the attention output
     "act_mlp": "tensor",  # SwiGLU hidden

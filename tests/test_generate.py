@@ -50,6 +50,12 @@ def test_sharded_generation_matches_single_device(model, devices):
     assert generate_tokens(model, PROMPTS, GREEDY, mesh=mesh) == generate_tokens(model, PROMPTS, GREEDY)
 
 
+def test_model_trained_with_the_sequence_split_decodes_on_the_folded_mesh(model, devices):
+    mesh = make_mesh(MeshConfig(fsdp=2, sequence=2, tensor=2), devices)
+    on_seq_mesh = build_model(tiny_config("model.init_std=0.2").model, mesh, seed=5)
+    assert generate_tokens(on_seq_mesh, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)
+
+
 def test_eos_stops_only_its_sequence(model):
     full = generate_tokens(model, PROMPTS, GREEDY)
     eos = full[1][2]

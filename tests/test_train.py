@@ -104,3 +104,20 @@ def test_pallas_attention_in_the_train_step_matches_xla(setup, single_device_los
     mesh = make_mesh(mesh_cfg, devices[:1] if mesh_cfg == MeshConfig() else devices)
     losses, _ = _losses(pallas, windows[:2], params, mesh)
     np.testing.assert_allclose(losses, single_device_losses[:2], rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "mesh_cfg,context_impl",
+    [
+        (MeshConfig(data=1, fsdp=2, sequence=4, tensor=1), "all_gather"),
+        (MeshConfig(data=1, fsdp=2, sequence=4, tensor=1), "ring"),
+        (MeshConfig(data=2, fsdp=1, sequence=2, tensor=2), "ring"),
+    ],
+    ids=["fsdp2_seq4_all_gather", "fsdp2_seq4_ring", "data2_seq2_tensor2_ring"],
+)
+def test_context_parallel_training_matches_one_device(setup, single_device_losses, devices, mesh_cfg, context_impl):
+    """The sequence split over devices (load-balanced order, ring or all-gather attention)."""
+    cfg, windows, params = setup
+    cp = cfg.replace(model=dataclasses.replace(cfg.model, context_impl=context_impl))
+    losses, _ = _losses(cp, windows, params, make_mesh(mesh_cfg, devices))
+    np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
