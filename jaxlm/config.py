@@ -44,12 +44,14 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     attention_impl: str = "auto"  # auto | xla | pallas  (see pallas_kernels.dispatch)
     context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
+    pipeline_microbatches: int = 4  # GPipe microbatches when mesh.stage > 1 (sharding.pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes; their product must equal the device count. -1 fills the rest."""
 
+    stage: int = 1  # pipeline parallelism: the layers are split into this many stages
     data: int = 1
     fsdp: int = -1
     sequence: int = 1  # context parallelism: the sequence is split this many ways
@@ -224,6 +226,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key 'mesh.{axis}' must be positive or -1 (fill), got {size}")
     if sum(getattr(cfg.mesh, a) == -1 for a in axes) > 1:
         raise ConfigError(f"only one of mesh.{', mesh.'.join(axes)} may be -1")
+    if cfg.mesh.stage > 1 and m.num_layers % cfg.mesh.stage:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by mesh.stage={cfg.mesh.stage}; "
+            "every pipeline stage holds the same number of layers"
+        )
+    if m.pipeline_microbatches < 1:
+        raise ConfigError(f"config key 'model.pipeline_microbatches' must be positive, got {m.pipeline_microbatches}")
     sequence = cfg.mesh.sequence
     if sequence > 1 and cfg.data.seq_len % (2 * sequence):
         raise ConfigError(

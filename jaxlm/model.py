@@ -1,6 +1,7 @@
 """The decoder-only transformer (Llama family) as Flax NNX modules.
 
-One call serves training, prefill and decoding::
+One call serves training, prefill and decoding (with ``mesh.stage > 1`` training runs the
+layers as a pipeline, :mod:`sharding.pipeline`)::
 
     logits_BxTxV, cache = model(tokens_BxT, positions_BxT, cache=None, segment_ids_BxT=None)
 
@@ -21,6 +22,7 @@ from flax import nnx
 from jaxlm.cache import KVCache, write
 from jaxlm.config import ModelConfig
 from pallas_kernels import attention
+from sharding.pipeline import num_stages, pipeline_layers
 from sharding.rules import constrain
 
 _REMAT_POLICIES = {
@@ -158,20 +160,25 @@ class Transformer(nnx.Module):
         sin, cos = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
 
         graphdef, stacked = nnx.split(self.blocks)
+        aux = (sin, cos, positions_BxT, segment_ids_BxT)  # per-row inputs every layer needs
 
-        def layer(x, params_and_kv):
-            params, kv = params_and_kv
-            return nnx.merge(graphdef, params)(x, sin, cos, positions_BxT, segment_ids_BxT, kv)
+        def layer(x, params, aux, kv):
+            return nnx.merge(graphdef, params)(x, *aux, kv)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         kv_stack = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
-        if cfg.scan_layers:
-            x, kv_stack = jax.lax.scan(layer, x, (stacked, kv_stack))
+        if cache is None and num_stages(jax.sharding.get_abstract_mesh()) > 1:
+            x = pipeline_layers(
+                lambda x, p, a: layer(x, p, a, None)[0], x, stacked, aux, microbatches=cfg.pipeline_microbatches
+            )
+        elif cfg.scan_layers:
+            x, kv_stack = jax.lax.scan(lambda x, pkv: layer(x, pkv[0], aux, pkv[1]), x, (stacked, kv_stack))
         else:
             outs = []
             for i in range(cfg.num_layers):
-                x, kv_i = layer(x, jax.tree.map(lambda a: a[i], (stacked, kv_stack)))
+                params_i, kv_i = jax.tree.map(lambda a: a[i], (stacked, kv_stack))
+                x, kv_i = layer(x, params_i, aux, kv_i)
                 outs.append(kv_i)
             kv_stack = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 

@@ -27,6 +27,7 @@ from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_
 from jaxlm.model import Transformer
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from sharding.mesh import make_mesh
+from sharding.pipeline import bubble_fraction, num_stages
 from sharding.rules import logical_sharding, mesh_axis_size, LOGICAL_RULES
 
 
@@ -76,6 +77,11 @@ class Trainer:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
                 f"{batch_axes} (mesh data*fsdp); pick a multiple of it"
+            )
+        if num_stages(mesh) > 1 and cfg.train.batch_size % (batch_axes * cfg.model.pipeline_microbatches):
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} must be a multiple of model.pipeline_microbatches="
+                f"{cfg.model.pipeline_microbatches} times the data-parallel size {batch_axes}"
             )
         self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
@@ -166,6 +172,9 @@ def train(
     trainer = Trainer(cfg, mesh)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda _: None)
+    if num_stages(mesh) > 1:
+        P, M = num_stages(mesh), cfg.model.pipeline_microbatches
+        say(f"pipeline: {P} stages x {M} microbatches, bubble {bubble_fraction(P, M):.0%} of stage time")
 
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint) if cfg.checkpoint.dir else None
     if ckpt is not None and ckpt.latest_step() is not None:

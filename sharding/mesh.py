@@ -1,6 +1,7 @@
-"""Devices -> a ``jax.sharding.Mesh`` with named axes ``(data, fsdp, sequence, tensor)``.
+"""Devices -> a ``jax.sharding.Mesh`` with named axes ``(stage, data, fsdp, sequence, tensor)``.
 
-The order runs from the slowest links to the fastest: data and FSDP traffic can cross hosts,
+The order runs from the slowest links to the fastest: pipeline stages exchange one activation
+per microbatch, data and FSDP traffic can cross hosts,
 the sequence ring passes K/V between neighbours, and tensor parallelism, which talks every
 layer, stays innermost.
 
@@ -22,7 +23,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES: tuple[str, ...] = ("stage", "data", "fsdp", "sequence", "tensor")
 
 
 def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
@@ -63,6 +64,6 @@ def fold_sequence_axis(mesh: Mesh) -> Mesh:
     shape = dict(mesh.shape)
     if shape.get("sequence", 1) == 1:
         return mesh
-    d, f, s, t = (shape[a] for a in MESH_AXES)
-    devices = np.asarray(mesh.devices).transpose(0, 2, 1, 3).reshape(d * s, f, 1, t)
+    p, d, f, s, t = (shape[a] for a in MESH_AXES)
+    devices = np.asarray(mesh.devices).transpose(0, 1, 3, 2, 4).reshape(p, d * s, f, 1, t)
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

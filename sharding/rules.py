@@ -31,7 +31,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,  # RMSNorm scales are tiny: replicate
-    "layers": None,  # the scanned layer axis
+    "layers": "stage",  # the stacked layer axis: pipeline stages hold consecutive layers
     # KV cache [layers, batch, cache_seq, kv_heads, head_dim]
     "cache_seq": None,
 }

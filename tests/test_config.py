@@ -33,10 +33,12 @@ def test_all_shipped_configs_load():
         (["mesh.tensor=4", "model.num_kv_heads=2"], "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
         (["model.remat=some"], "config key 'model.remat' is 'some'; choose one of"),
         (["model.compute_dtype=float64"], "config key 'model.compute_dtype'"),
-        (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data, mesh.fsdp, mesh.sequence, mesh.tensor may be -1"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.stage, mesh.data, mesh.fsdp, mesh.sequence, mesh.tensor may be -1"),
         (["train.steps"], "override 'train.steps' must look like section.key=value"),
         (["decode.top_p=0"], "decode needs"),
         (["mesh.sequence=4", "data.seq_len=36"], "data.seq_len=36 must be a multiple of 2 * mesh.sequence=8"),
+        (["mesh.stage=3"], "model.num_layers=2 is not divisible by mesh.stage=3"),
+        (["model.pipeline_microbatches=0"], "config key 'model.pipeline_microbatches' must be positive"),
         (["model.context_impl=rings"], "config key 'model.context_impl' is 'rings'; choose one of all_gather, ring"),
     ],
 )
@@ -60,7 +62,7 @@ def test_missing_and_malformed_files(tmp_path):
 @pytest.mark.parametrize(
     "mesh, fragment",
     [
-        (["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1"], "mesh data*fsdp*sequence*tensor = 3*1*1*1 = 3 but there are 8 devices"),
+        (["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1"], "mesh stage*data*fsdp*sequence*tensor = 1*3*1*1*1 = 3 but there are 8 devices"),
         (["mesh.data=3", "mesh.fsdp=-1"], "3 does not divide 8"),
     ],
 )

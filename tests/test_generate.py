@@ -56,6 +56,12 @@ def test_model_trained_with_the_sequence_split_decodes_on_the_folded_mesh(model,
     assert generate_tokens(on_seq_mesh, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)
 
 
+def test_model_on_pipeline_stages_decodes_like_one_device(model, devices):
+    mesh = make_mesh(MeshConfig(stage=2, fsdp=2, tensor=2), devices)
+    staged = build_model(tiny_config("model.init_std=0.2").model, mesh, seed=5)
+    assert generate_tokens(staged, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)
+
+
 def test_eos_stops_only_its_sequence(model):
     full = generate_tokens(model, PROMPTS, GREEDY)
     eos = full[1][2]

@@ -14,15 +14,15 @@ from tests.conftest import tiny_config
 
 def test_fill_axis_and_axis_types(devices):
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"stage": 1, "data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     one = make_mesh(MeshConfig(), devices[:1])
-    assert dict(one.shape) == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
+    assert dict(one.shape) == {"stage": 1, "data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
 
 
 def test_rules_table_maps_names_to_mesh_axes():
     assert logical_spec(("batch", "seq", "act_embed")) == jax.sharding.PartitionSpec(("data", "fsdp"), "sequence", None)
-    assert logical_spec(("layers", "embed", "heads", "head_dim")) == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert logical_spec(("layers", "embed", "heads", "head_dim")) == jax.sharding.PartitionSpec("stage", "fsdp", "tensor", None)
     text = describe_rules()
     assert len(text.splitlines()) == len(LOGICAL_RULES) and "embed" in text
     with pytest.raises(KeyError, match="no rule"):
@@ -66,7 +66,7 @@ def test_tensor_parallel_layout(devices):
     m = build_model(cfg.model, mesh)
     wq = m.blocks.attn.wq[...]
     L, E, H, D = wq.shape
-    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (L, E // 2, H // 4, D)
     w_down = m.blocks.mlp.w_down[...]
     assert w_down.addressable_shards[0].data.shape == (L, cfg.model.mlp_dim // 4, E // 2)

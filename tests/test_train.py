@@ -121,3 +121,24 @@ def test_context_parallel_training_matches_one_device(setup, single_device_losse
     cp = cfg.replace(model=dataclasses.replace(cfg.model, context_impl=context_impl))
     losses, _ = _losses(cp, windows, params, make_mesh(mesh_cfg, devices))
     np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+
+
+def test_pipeline_training_matches_one_device(setup, single_device_losses, devices):
+    """Two stages x FSDP4: the layers split over stages (GPipe over microbatches) inside FSDP."""
+    cfg, windows, params = setup
+    pp = cfg.replace(model=dataclasses.replace(cfg.model, pipeline_microbatches=2))
+    losses, _ = _losses(pp, windows, params, make_mesh(MeshConfig(stage=2, fsdp=4), devices))
+    np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+
+
+def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices):
+    cfg = tiny_config(*MESH_CFG, "model.num_layers=4", "model.pipeline_microbatches=4")
+    splits = tokenize_corpus(cfg.data, load_tokenizer())
+    sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    windows = [sampler.batch(i) for i in range(3)]
+    params = jax.device_get(nnx.state(build_model(cfg.model, seed=1)))
+    single, _ = _losses(cfg, windows, params, make_mesh(MeshConfig(), devices[:1]))
+    piped, _ = _losses(cfg, windows, params, make_mesh(MeshConfig(stage=4, fsdp=1, tensor=2), devices))
+    np.testing.assert_allclose(piped, single, rtol=2e-5)
+    with pytest.raises(jaxlm.ConfigError, match="must be a multiple of model.pipeline_microbatches=4"):
+        Trainer(cfg, make_mesh(MeshConfig(stage=2, fsdp=4), devices))
