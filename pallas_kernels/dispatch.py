@@ -89,7 +89,7 @@ def attention(
         )
     if name == "xla":
         return _xla(q, k, v, q_positions, kv_positions, segment_ids, segment_ids)
-    from sharding.rules import logical_spec
+    from sharding.rules import logical_spec, per_shard
 
     fn = functools.partial(_pallas, interpret=interpret)
     args = (q, k, v, q_positions, kv_positions) + (() if segment_ids is None else (segment_ids,))
@@ -99,5 +99,4 @@ def attention(
     heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
     tokens = logical_spec(("batch", "seq"))
     specs = (heads, heads, heads, tokens, tokens) + (() if segment_ids is None else (tokens,))
-    # check_vma off: the Pallas interpreter and Triton calls carry no varying-axes annotations
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+    return per_shard(fn, in_specs=specs, out_specs=heads)(*args)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sharding.rules import LOGICAL_RULES, logical_spec
+from sharding.rules import LOGICAL_RULES, logical_spec, per_shard
 
 CONTEXT_IMPLS = ("all_gather", "ring")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf in the combine
@@ -157,5 +157,4 @@ def context_attention(
 
     args = (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, positions_BxT) + ((segment_ids_BxT,) if has_seg else ())
     specs = (heads, heads, heads, tokens) + ((tokens,) if has_seg else ())
-    # check_vma off: the local kernel may be a Pallas call (interpreted on CPU) without annotations
-    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+    return per_shard(body, in_specs=specs, out_specs=heads)(*args)

@@ -59,6 +59,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
+def per_shard(fn, *, in_specs, out_specs):
+    """``fn`` run per shard under the current mesh, over every axis not already manual.
+
+    Axes already manual (inside a pipeline stage, say) stay as they are, so a kernel wrapped
+    here composes with :mod:`sharding.pipeline`. ``check_vma`` is off: Pallas calls (and the
+    Pallas interpreter) carry no varying-axes annotations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    free = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual}
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=free, check_vma=False)
+
+
 def mesh_axis_size(mesh: Mesh, axes: MeshAxes) -> int:
     if axes is None:
         return 1

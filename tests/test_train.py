@@ -123,12 +123,19 @@ def test_context_parallel_training_matches_one_device(setup, single_device_losse
     np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
 
 
-def test_pipeline_training_matches_one_device(setup, single_device_losses, devices):
-    """Two stages x FSDP4: the layers split over stages (GPipe over microbatches) inside FSDP."""
+@pytest.mark.parametrize(
+    "mesh_cfg,impl",
+    [(MeshConfig(stage=2, fsdp=4), "xla"), (MeshConfig(stage=2, data=2, fsdp=1, tensor=2), "pallas")],
+    ids=["stage2_fsdp4", "stage2_data2_tensor2_pallas"],
+)
+def test_pipeline_training_matches_one_device(setup, single_device_losses, devices, mesh_cfg, impl):
+    """Two stages: the layers split over stages (GPipe over 2 microbatches) inside FSDP or data x
+    tensor, with the attention kernel per shard inside each stage."""
     cfg, windows, params = setup
-    pp = cfg.replace(model=dataclasses.replace(cfg.model, pipeline_microbatches=2))
-    losses, _ = _losses(pp, windows, params, make_mesh(MeshConfig(stage=2, fsdp=4), devices))
-    np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+    pp = cfg.replace(model=dataclasses.replace(cfg.model, pipeline_microbatches=2, attention_impl=impl))
+    n = 3 if impl == "xla" else 2
+    losses, _ = _losses(pp, windows[:n], params, make_mesh(mesh_cfg, devices))
+    np.testing.assert_allclose(losses, single_device_losses[:n], rtol=2e-5)
 
 
 def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices):
