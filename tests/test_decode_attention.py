@@ -73,8 +73,8 @@ def test_head_dim_padding_and_scale():
 
 def test_rows_that_see_nothing_are_zero_not_nan():
     T = 3
-    q, k, v = _inputs(3, 3, T, 24, 4, 2, 16)
-    lengths = jnp.array([0, 2, 24], jnp.int32)  # row 0 sees nothing, row 1's first query neither
+    q, k, v = _inputs(3, 3, T, 40, 4, 2, 16)  # the shapes of test_matches_reference_gqa_ragged[2-3]
+    lengths = jnp.array([0, 2, 40], jnp.int32)  # row 0 sees nothing, row 1's first query neither
     got = np.asarray(_kernel(q, k, v, lengths))
     assert np.all(np.isfinite(got))
     assert np.all(got[0] == 0) and np.all(got[1, 0] == 0) and np.any(got[1, 1:] != 0)
@@ -85,7 +85,7 @@ def test_split_count_does_not_change_the_result():
     q, k, v = _inputs(4, 2, 3, 80, 8, 2, 16)
     lengths = jnp.array([80, 37], jnp.int32)
     want = decode_attention_reference(q, k, v, lengths)
-    outs = [np.asarray(_kernel(q, k, v, lengths, num_splits=n)) for n in (1, 2, 3, 5, 8)]
+    outs = [np.asarray(_kernel(q, k, v, lengths, num_splits=n)) for n in (1, 2, 5)]
     for got in outs:
         _close(got, want, TOL[jnp.float32])
         np.testing.assert_allclose(got, outs[0], atol=1e-5, rtol=1e-5)
@@ -93,9 +93,9 @@ def test_split_count_does_not_change_the_result():
 
 def test_reads_no_block_past_the_length():
     """Cache blocks wholly past a sequence's length are never loaded: NaN there changes nothing."""
-    B, T, S, H, K, D = 2, 2, 64, 4, 2, 16
+    B, T, S, H, K, D = 2, 3, 80, 8, 2, 16  # the shapes of test_split_count_does_not_change_the_result
     q, k, v = _inputs(5, B, T, S, H, K, D)
-    lengths = jnp.array([21, 40], jnp.int32)  # the 16-blocks from index 32 and 48 are past both
+    lengths = jnp.array([21, 40], jnp.int32)  # the 16-blocks from index 48 on are past both
     idx = jnp.arange(S)[None, :, None, None]
     block_end = ((lengths + 15) // 16 * 16)[:, None, None, None]
     poison = lambda x: jnp.where(idx >= block_end, jnp.nan, jnp.where(idx >= lengths[:, None, None, None], 1e3, x))
@@ -103,8 +103,8 @@ def test_reads_no_block_past_the_length():
     _close(got, decode_attention_reference(q, k, v, lengths), TOL[jnp.float32])
 
 
-@pytest.mark.parametrize("T, group", [(1, 2), (3, 4)])
-def test_paged_matches_reference(T, group):
+@pytest.mark.parametrize("T, group, num_splits", [(1, 2, 1), (3, 4, 3)])
+def test_paged_matches_reference(T, group, num_splits):
     B, K, D, page_size, pages_per_seq, num_pages = 3, 2, 16, 16, 4, 14
     q, _, _ = _inputs(6 + T, B, T, 1, K * group, K, D)
     kk, kv, kp = jax.random.split(jax.random.key(7), 3)
@@ -115,9 +115,8 @@ def test_paged_matches_reference(T, group):
     used = np.arange(pages_per_seq)[None, :] * page_size < np.asarray(lengths)[:, None]
     table = jnp.asarray(np.where(used, table, 10**6), jnp.int32)  # unused entries: out of range, never read
     want = decode_attention_reference(q, k_pool, v_pool, lengths, page_table_BxP=table)
-    for n in (1, 3):
-        got = decode_attention(q, k_pool, v_pool, lengths, page_table_BxP=table, num_splits=n, interpret=True)
-        _close(got, want, TOL[jnp.float32])
+    got = decode_attention(q, k_pool, v_pool, lengths, page_table_BxP=table, num_splits=num_splits, interpret=True)
+    _close(got, want, TOL[jnp.float32])
 
 
 def test_bad_arguments_raise_one_line():
@@ -179,7 +178,7 @@ def _cached_inputs(seed, B, T, S, H, K, D, lengths):
     return q, k, v, positions
 
 
-@pytest.mark.parametrize("T", [1, 3, DECODE_MAX_QUERY_TOKENS + 4])
+@pytest.mark.parametrize("T", [1, DECODE_MAX_QUERY_TOKENS, DECODE_MAX_QUERY_TOKENS + 4])
 def test_cached_attention_pallas_equals_xla_on_a_mesh(T, devices):
     B, S, H, K, D = 4, 48, 4, 2, 16
     q, k, v, pos = _cached_inputs(9 + T, B, T, S, H, K, D, [48, 20, 31, T])
@@ -190,14 +189,13 @@ def test_cached_attention_pallas_equals_xla_on_a_mesh(T, devices):
     want = run("xla")
     jaxpr = str(jax.make_jaxpr(lambda *a: cached_attention(*a[:3], q_positions=a[3], impl="pallas"))(q, k, v, pos))
     assert ("decode_attention" in jaxpr) == (T <= DECODE_MAX_QUERY_TOKENS)
-    _close(run("pallas"), want, TOL[jnp.float32])
     with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices)):
         _close(run("pallas"), want, TOL[jnp.float32])
 
 
 GREEDY = DecodeConfig(max_new_tokens=6, temperature=0.0)
-SHORT = [[11, 250, 7], [3, 1000, 42, 99, 5, 17, 8], [512]]  # prefill of 16 tokens: the decode kernel
-LONG = [[11, 250, 7], list(range(100, 120))]  # prefill of 32 tokens: the flash kernel
+# ragged prompts; the prefill (32 tokens) runs the flash kernel, every later step the decode kernel
+PROMPTS = [[11, 250, 7], list(range(100, 120)), [512]]
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +205,7 @@ def models():
 
 
 def test_greedy_generation_pallas_equals_xla(models, devices):
-    for prompts in (SHORT, LONG):
-        assert generate_tokens(models["pallas"], prompts, GREEDY) == generate_tokens(models["xla"], prompts, GREEDY)
+    want = generate_tokens(models["xla"], PROMPTS, GREEDY)
+    assert generate_tokens(models["pallas"], PROMPTS, GREEDY) == want
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices)
-    assert (generate_tokens(models["pallas"], SHORT, GREEDY, mesh=mesh)
-            == generate_tokens(models["xla"], SHORT, GREEDY))
+    assert generate_tokens(models["pallas"], PROMPTS, GREEDY, mesh=mesh) == want
