@@ -4,7 +4,9 @@ Contract (the same as :func:`pallas_kernels.reference.decode_attention_reference
 sequence ``b`` has ``lengths[b]`` valid cache entries *after* this call's ``T`` tokens were
 written, so query ``t`` sits at position ``lengths[b] - T + t`` and sees cache index ``s`` iff
 ``s <= lengths[b] - T + t``. A query that sees no entry (``lengths[b] - T + t < 0``, e.g. a
-length-0 row) yields zeros, never NaN. Entries past a sequence's length are never read.
+length-0 row) yields zeros, never NaN. Key blocks wholly past a sequence's length are never
+read; entries past the length inside its last block are loaded and weighted by zero, so they
+must be finite (stale or zero-initialised entries are).
 
 Kernel layout. One program per (batch, kv head, split): split ``i`` owns cache indices
 ``[i * split_len, (i + 1) * split_len)`` and walks only the blocks of them below the sequence's
