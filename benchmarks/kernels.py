@@ -1,11 +1,14 @@
-"""Attention kernel benchmark: flash attention (Pallas) against the XLA reference and cuDNN.
+"""Attention kernel benchmark: flash attention (Pallas) against the XLA reference and cuDNN,
+and decode attention (Pallas) against the XLA reference.
 
-    python benchmarks/kernels.py [--seq 1024 4096] [--head-dim 64 128] [--out benchmarks/out/kernels.json]
+    python benchmarks/kernels.py [--seq 1024 4096] [--head-dim 64 128] [--decode-len 8192]
+                                 [--sections flash decode] [--out benchmarks/out/kernels.json]
 
-Reports TFLOP/s of the forward and forward+backward passes (causal FLOPs counted as half of
-dense). On a GPU the defaults are real sizes; on CPU it runs tiny sizes with the Pallas
-interpreter so the script stays runnable (those numbers measure nothing but correctness of the
-plumbing). Prints a table and writes JSON.
+Flash: TFLOP/s of the forward and forward+backward passes (causal FLOPs counted as half of
+dense). Decode (one new token per sequence against a full KV cache): achieved GB/s over the
+bytes of K and V cache read, the number that bounds decoding. On a GPU the defaults are real
+sizes; on CPU it runs tiny sizes with the Pallas interpreter so the script stays runnable (those
+numbers measure nothing but correctness of the plumbing). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention_reference, flash_attention
+from pallas_kernels import attention_reference, decode_attention, decode_attention_reference, flash_attention
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -47,6 +50,29 @@ def _impls(on_gpu: bool):
     return impls
 
 
+def _decode_rows(args, on_gpu: bool, dtype) -> list[dict]:
+    """One token per sequence over a full cache of each length: GB/s over the K/V bytes read."""
+    rows = []
+    B, H, K, D = args.decode_batch, args.decode_heads, args.decode_kv_heads, args.decode_head_dim
+    for S in args.decode_len:
+        keys = jax.random.split(jax.random.key(1), 3)
+        q = jax.random.normal(keys[0], (B, 1, H, D), dtype)
+        k = jax.random.normal(keys[1], (B, S, K, D), dtype)
+        v = jax.random.normal(keys[2], (B, S, K, D), dtype)
+        lengths = jnp.full((B,), S, jnp.int32)
+        kv_bytes = 2 * B * S * K * D * jnp.dtype(dtype).itemsize
+        impls = {f"pallas/{n}": (lambda q, k, v, lengths, n=n: decode_attention(
+            q, k, v, lengths, num_splits=n, interpret=not on_gpu)) for n in args.decode_splits}
+        impls["xla"] = decode_attention_reference
+        for name, fn in impls.items():
+            t = _time(jax.jit(fn), q, k, v, lengths, iters=args.iters)
+            row = {"impl": name, "cache_len": S, "batch": B, "heads": H, "kv_heads": K, "head_dim": D,
+                   "ms": t * 1e3, "kv_bytes": kv_bytes, "gb_per_s": kv_bytes / t / 1e9}
+            rows.append(row)
+            print(f"decode cache={S:<6} b={B:<3} {name:<10} {row['ms']:9.3f} ms {row['gb_per_s']:8.1f} GB/s", flush=True)
+    return rows
+
+
 def main() -> None:
     on_gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,11 +82,18 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=16 if on_gpu else 2)
     p.add_argument("--tokens", type=int, default=16384 if on_gpu else 64, help="batch * seq per measurement")
     p.add_argument("--iters", type=int, default=10 if on_gpu else 1)
+    p.add_argument("--sections", nargs="+", choices=("flash", "decode"), default=["flash", "decode"])
+    p.add_argument("--decode-len", type=int, nargs="+", default=[1024, 8192, 32768] if on_gpu else [40])
+    p.add_argument("--decode-batch", type=int, default=16 if on_gpu else 2)
+    p.add_argument("--decode-heads", type=int, default=32 if on_gpu else 4)
+    p.add_argument("--decode-kv-heads", type=int, default=8 if on_gpu else 2)
+    p.add_argument("--decode-head-dim", type=int, default=128 if on_gpu else 16)
+    p.add_argument("--decode-splits", type=int, nargs="+", default=[4, 8, 16] if on_gpu else [2])
     p.add_argument("--out", default="benchmarks/out/kernels.json")
     args = p.parse_args()
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     rows = []
-    for T in args.seq:
+    for T in args.seq if "flash" in args.sections else []:
         for D in args.head_dim:
             B = max(1, args.tokens // T)
             keys = jax.random.split(jax.random.key(0), 4)
@@ -83,11 +116,12 @@ def main() -> None:
                 rows.append(row)
                 print(f"seq={T:<6} d={D:<4} {name:<7} fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.2f} TFLOP/s   "
                       f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.2f} TFLOP/s", flush=True)
+    decode_rows = _decode_rows(args, on_gpu, dtype) if "decode" in args.sections else []
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
             "dtype": jnp.dtype(dtype).name, **vars(args)}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode_rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxlm.cache import KVCache, write
 from jaxlm.config import ModelConfig
-from pallas_kernels import attention
+from pallas_kernels import attention, cached_attention
 from sharding.pipeline import num_stages, pipeline_layers
 from sharding.rules import constrain
 
@@ -81,18 +81,15 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         if kv is None:  # training: keys are this call's tokens
-            k_all, v_all, kv_pos, segs = k, v, positions_BxT, segment_ids_BxT
+            out = attention(
+                q, k, v, q_positions=positions_BxT, kv_positions=positions_BxT, segment_ids=segment_ids_BxT,
+                impl=cfg.attention_impl, context_impl=cfg.context_impl,
+            )
         else:  # prefill / decode: write into the cache, attend over all of it (masked by position)
             k_cache, v_cache = kv
             start = positions_BxT[:, 0]
-            k_all, v_all = write(k_cache, k, start), write(v_cache, v, start)
-            kv = (k_all, v_all)
-            kv_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=positions_BxT.dtype), k_all.shape[:2])
-            segs = None
-        out = attention(
-            q, k_all, v_all, q_positions=positions_BxT, kv_positions=kv_pos, segment_ids=segs,
-            impl=cfg.attention_impl, context_impl=cfg.context_impl,
-        )
+            kv = (write(k_cache, k, start), write(v_cache, v, start))
+            out = cached_attention(q, *kv, q_positions=positions_BxT, impl=cfg.attention_impl)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
         return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), kv
 

@@ -7,6 +7,11 @@
 * ``auto``   - the XLA path on every platform until the Pallas kernels have been timed and
   verified on GPU hardware; on an accelerator this choice is announced once, never silent.
 
+Attention over a KV cache (prefill and decoding) has its own door, :func:`cached_attention`: with
+``pallas``, calls of at most ``DECODE_MAX_QUERY_TOKENS`` tokens per sequence run the
+decode-attention kernel, longer ones the flash kernel; every other impl goes through
+:func:`attention` with the cache's positions.
+
 An impossible choice raises one line.
 """
 
@@ -16,7 +21,9 @@ import functools
 import warnings
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
 
@@ -100,3 +107,39 @@ def attention(
     tokens = logical_spec(("batch", "seq"))
     specs = (heads, heads, heads, tokens, tokens) + (() if segment_ids is None else (tokens,))
     return per_shard(fn, in_specs=specs, out_specs=heads)(*args)
+
+
+DECODE_MAX_QUERY_TOKENS = 16  # new tokens per sequence up to which the decode kernel runs
+
+
+def _pallas_decode(q, k_cache, v_cache, q_pos, *, interpret: bool):
+    # the tokens of one call are consecutive, so the last one's position + 1 is the length
+    return decode_attention(q, k_cache, v_cache, q_pos[:, -1] + 1, interpret=interpret)
+
+
+def cached_attention(q, k_cache, v_cache, *, q_positions, impl: str = "auto"):
+    """The model's door to attention over a KV cache: ``[batch, T, heads, head_dim]`` in q's dtype.
+
+    ``k_cache``/``v_cache``: ``[batch, max_len, kv_heads, head_dim]`` holding the token at
+    position ``p`` at index ``p`` (this call's tokens already written, see :mod:`jaxlm.cache`);
+    ``q_positions``: ``[batch, T]``, consecutive within each row. Query ``t`` sees the cache
+    entries at indices ``<= q_positions[:, t]``.
+    """
+    name = resolve_attention_impl(impl)
+    if name != "pallas" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
+        S = k_cache.shape[1]
+        kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=q_positions.dtype), k_cache.shape[:2])
+        return attention(q, k_cache, v_cache, q_positions=q_positions, kv_positions=kv_pos, impl=name)
+    from sharding.rules import LOGICAL_RULES, logical_spec, mesh_axis_size, per_shard
+
+    fn = functools.partial(_pallas_decode, interpret=jax.default_backend() == "cpu")
+    args = (q, k_cache, v_cache, q_positions)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    if mesh_axis_size(mesh, LOGICAL_RULES["cache_seq"]) > 1:
+        raise ValueError("the decode kernel needs each sequence's whole cache on one device; map 'cache_seq' to no mesh axis")
+    heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
+    cache = logical_spec(("batch", "cache_seq", "kv_heads", "head_dim"))
+    tokens = logical_spec(("batch", "seq"))
+    return per_shard(fn, in_specs=(heads, cache, cache, tokens), out_specs=heads)(*args)

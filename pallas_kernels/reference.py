@@ -49,3 +49,36 @@ def attention_reference(
         "bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD, preferred_element_type=jnp.float32
     )
     return out_BxTxKxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+
+
+def decode_attention_reference(
+    q_BxTxHxD: jax.Array,
+    k_cache_BxSxKxD: jax.Array,
+    v_cache_BxSxKxD: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    page_table_BxP: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Attention of ``T`` new tokens over a KV cache; returns ``[batch, T, heads, head_dim]``.
+
+    ``lengths_B`` counts each sequence's valid cache entries including this call's tokens, so
+    query ``t`` sits at position ``lengths - T + t`` and sees cache index ``s <= lengths - T + t``.
+    A query that sees nothing yields zeros. With ``page_table_BxP`` (``[batch, pages_per_seq]``)
+    the caches are page pools ``[num_pages, page_size, K, D]`` and index ``s`` lives at
+    ``pool[page_table[b, s // page_size], s % page_size]``.
+    """
+    if page_table_BxP is not None:
+        B, P = page_table_BxP.shape
+        _, page_size, K, D = k_cache_BxSxKxD.shape
+        k_cache_BxSxKxD = k_cache_BxSxKxD[page_table_BxP].reshape(B, P * page_size, K, D)
+        v_cache_BxSxKxD = v_cache_BxSxKxD[page_table_BxP].reshape(B, P * page_size, K, D)
+    B, T = q_BxTxHxD.shape[:2]
+    S = k_cache_BxSxKxD.shape[1]
+    q_pos_BxT = lengths_B.astype(jnp.int32)[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
+    kv_pos_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    out = attention_reference(
+        q_BxTxHxD, k_cache_BxSxKxD, v_cache_BxSxKxD,
+        q_positions_BxT=q_pos_BxT, kv_positions_BxS=kv_pos_BxS, sm_scale=sm_scale,
+    )
+    return jnp.where((q_pos_BxT >= 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
