@@ -43,6 +43,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
     remat: str = "none"  # none | full | save_dots
     attention_impl: str = "auto"  # auto | xla | pallas  (see pallas_kernels.dispatch)
+    matmul_impl: str = "auto"  # auto | xla | pallas  projections q/k/v/o, gate/up/down (pallas_kernels.dispatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention_impl": ("auto", "xla", "pallas"),
+    "model.matmul_impl": ("auto", "xla", "pallas"),
 }
 
 

@@ -77,3 +77,93 @@ def attention(q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str
     specs = (heads, heads, heads, tokens, tokens) + (() if segment_ids is None else (tokens,))
     # check_vma off: the Pallas interpreter and Triton calls carry no varying-axes annotations
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# matmul: the model's projections
+#
+# * ``xla``    - ``jnp.einsum``, exactly the model's einsums, any platform.
+# * ``pallas`` - :func:`pallas_kernels.matmul.matmul` (Triton) on the projection reshaped to a
+#   2-D GEMM; on CPU it runs in the Pallas interpreter, for debugging. Under a mesh it runs per
+#   shard in ``shard_map``: activations split over the batch axes, weights gathered over fsdp by
+#   the in_specs and split over ``tensor`` on their heads/mlp dims; a projection that contracts
+#   a split dim (wo, w_down) adds its partial sums with a psum over that axis.
+# * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere. The Mosaic GPU (Hopper) kernel in
+#   :mod:`pallas_kernels.matmul_mosaic` is never picked here: it has been checked only by
+#   lowering, not run (see that module).
+
+MATMUL_IMPLS = ("xla", "pallas")
+_MATMUL_AUTO = {"gpu": "pallas", "cuda": "pallas"}
+
+# equation -> logical names of (activation, weight); activations are [batch, seq, ...], the
+# weight's leading dims contract the activation's trailing ones (the weight's embed dim is None:
+# gathered over fsdp). The output is split as the activation's batch and the weight's outputs.
+PROJECTIONS: dict[str, tuple[tuple[str | None, ...], tuple[str | None, ...]]] = {
+    "bte,ehd->bthd": (("batch", "seq", "act_embed"), (None, "heads", "head_dim")),
+    "bthd,hde->bte": (("batch", "seq", "act_heads", "head_dim"), ("heads", "head_dim", None)),
+    "bte,ef->btf": (("batch", "seq", "act_embed"), (None, "mlp")),
+    "btf,fe->bte": (("batch", "seq", "act_mlp"), ("mlp", None)),
+}
+
+
+def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
+    """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
+    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
+
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return _MATMUL_AUTO.get(platform, "xla")
+    if impl not in MATMUL_IMPLS:
+        raise ConfigError(f"matmul_impl '{impl}' is not available; choose one of auto, {', '.join(MATMUL_IMPLS)}")
+    if impl == "pallas" and platform not in _PALLAS_PLATFORMS:
+        raise ConfigError(f"matmul_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
+    return impl
+
+
+def _project_2d(x, w, *, interpret: bool):
+    """[b, t, *c] x [*c, *o] -> [b, t, *o] as one [b*t, prod c] @ [prod c, prod o] GEMM."""
+    from pallas_kernels.matmul import matmul as gemm  # here: keeps this section additive
+
+    nc = x.ndim - 2
+    out_dims = w.shape[nc:]
+    x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+    w2 = w.reshape(x2.shape[1], -1)
+    return gemm(x2, w2, interpret=interpret).reshape(*x.shape[:2], *out_dims)
+
+
+def _fitted_spec(names, shape, mesh):
+    """Logical names -> PartitionSpec on ``mesh``, replicating a dim its axes do not divide."""
+    from sharding.rules import logical_spec, mesh_axis_size
+
+    spec = logical_spec(names)
+    return jax.sharding.PartitionSpec(
+        *(axes if size % mesh_axis_size(mesh, axes) == 0 else None for axes, size in zip(spec, shape))
+    )
+
+
+def projection(equation: str, x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """The model's door to its projections: ``jnp.einsum(equation, x, w)`` by ``impl``.
+
+    ``equation`` is one of :data:`PROJECTIONS` (q/k/v, attention output, SwiGLU gate/up, down).
+    Output dtype follows the einsum's (the inputs' common dtype); accumulation is float32.
+    """
+    if equation not in PROJECTIONS:
+        raise ValueError(f"projection '{equation}' is not one of {', '.join(PROJECTIONS)}")
+    if resolve_matmul_impl(impl) == "xla":
+        return jax.numpy.einsum(equation, x, w)
+    fn = functools.partial(_project_2d, interpret=jax.default_backend() == "cpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x, w)
+    x_names, w_names = PROJECTIONS[equation]
+    x_spec, w_spec = _fitted_spec(x_names, x.shape, mesh), _fitted_spec(w_names, w.shape, mesh)
+    nc = x.ndim - 2  # contracted dims
+    out_spec = jax.sharding.PartitionSpec(*x_spec[:2], *w_spec[nc:])
+    split = [a for axes in w_spec[:nc] if axes for a in ((axes,) if isinstance(axes, str) else axes)]
+
+    def local(x, w):
+        out = fn(x, w)
+        return jax.lax.psum(out, tuple(split)) if split else out
+
+    # check_vma off: the Pallas interpreter and Triton calls carry no varying-axes annotations
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=out_spec, check_vma=False)(x, w)
