@@ -88,9 +88,10 @@ def attention(q, k, v, *, q_positions, kv_positions, segment_ids=None, impl: str
 #   shard in ``shard_map``: activations split over the batch axes, weights gathered over fsdp by
 #   the in_specs and split over ``tensor`` on their heads/mlp dims; a projection that contracts
 #   a split dim (wo, w_down) adds its partial sums with a psum over that axis.
-# * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere. The Mosaic GPU (Hopper) kernel in
-#   :mod:`pallas_kernels.matmul_mosaic` is never picked here: it has been checked only by
-#   lowering, not run (see that module).
+#   On a Hopper GPU (sm_90) ``pallas`` runs the Mosaic GPU kernel of
+#   :mod:`pallas_kernels.matmul_mosaic` instead (its numerics are checked in the Mosaic GPU
+#   interpreter, its CUDA lowering by the tests); shapes it cannot take go to Triton, announced.
+# * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere.
 
 MATMUL_IMPLS = ("xla", "pallas")
 _MATMUL_AUTO = {"gpu": "pallas", "cuda": "pallas"}
@@ -120,15 +121,22 @@ def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
     return impl
 
 
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def _project_2d(x, w, *, interpret: bool):
     """[b, t, *c] x [*c, *o] -> [b, t, *o] as one [b*t, prod c] @ [prod c, prod o] GEMM."""
-    from pallas_kernels.matmul import matmul as gemm  # here: keeps this section additive
+    from pallas_kernels.matmul import matmul  # imported here: keeps this section additive
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
 
+    gemm = matmul_hopper if not interpret and _is_hopper() else functools.partial(matmul, interpret=interpret)
     nc = x.ndim - 2
     out_dims = w.shape[nc:]
     x2 = x.reshape(x.shape[0] * x.shape[1], -1)
     w2 = w.reshape(x2.shape[1], -1)
-    return gemm(x2, w2, interpret=interpret).reshape(*x.shape[:2], *out_dims)
+    return gemm(x2, w2).reshape(*x.shape[:2], *out_dims)
 
 
 def _fitted_spec(names, shape, mesh):

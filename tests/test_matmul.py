@@ -212,3 +212,56 @@ def test_train_step_with_pallas_projections_matches_xla(devices):
     pallas, _ = _losses(cfg.replace(model=dataclasses.replace(cfg.model, matmul_impl="pallas")), windows, params, mesh)
     assert xla[1] != xla[0]  # the step changed the weights
     np.testing.assert_allclose(pallas, xla, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the Hopper kernel (Mosaic GPU): run in the Mosaic GPU interpreter, lowered for an H100
+
+
+def _gpu_interpreter():
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    calls = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+    return params.InterpretGPUParams(detect_races=True), calls
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_mosaic_kernel_in_the_gpu_interpreter(dtype):
+    """Several CTAs (64-row and 128-column tiles) and a 5-deep K loop through a 4-slot pipeline."""
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper, pick_tiles
+
+    interpret, calls = _gpu_interpreter()
+    M, N, K = 64, 384, 320
+    assert pick_tiles(M, N, K, dtype).tile_m == 64 and pick_tiles(M, N, K, dtype).tile_n == 128
+    a, b = _rand(13, (M, K), dtype), _rand(14, (K, N), dtype)
+    got = jax.jit(lambda a, b: matmul_hopper(a, b, out_dtype=jnp.float32, interpret=interpret))(a, b)
+    _close(got, _ref(a, b), TOL_F32_OUT)
+    assert not calls.get_races().races_found
+
+
+def test_mosaic_gradients_and_fallback_in_the_gpu_interpreter():
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
+
+    interpret, _ = _gpu_interpreter()
+    a, b, ct = _rand(15, (64, 128), jnp.bfloat16), _rand(16, (128, 64), jnp.bfloat16), _rand(17, (64, 64), jnp.bfloat16)
+    da, db = jax.jit(lambda a, b, ct: jax.vjp(lambda a, b: matmul_hopper(a, b, interpret=interpret), a, b)[1](ct))(a, b, ct)
+    da_ref, db_ref = jax.vjp(_ref, a, b)[1](ct.astype(jnp.float32))
+    _close(da, da_ref, TOL[jnp.bfloat16])
+    _close(db, db_ref, TOL[jnp.bfloat16])
+    ragged = _rand(18, (40, 128), jnp.bfloat16)
+    with pytest.warns(UserWarning, match="Mosaic GPU kernel cannot take shape M=40"):
+        got = matmul_hopper(ragged, b, interpret=interpret)  # runs the Triton kernel (interpreted)
+    _close(got, _ref(ragged, b), TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_mosaic_kernel_lowers_for_h100(dtype):
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
+
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    a, b = jax.ShapeDtypeStruct((256, 512), dtype), jax.ShapeDtypeStruct((512, 384), dtype)
+    loss = jax.value_and_grad(lambda a, b: jnp.sum(matmul_hopper(a, b).astype(jnp.float32)), (0, 1))
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+        assert _lower_cuda(matmul_hopper, a, b).count("custom_call @mosaic_gpu") == 1
+        assert _lower_cuda(loss, a, b).count("custom_call @mosaic_gpu") == 3  # forward, dA, dB
