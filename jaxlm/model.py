@@ -21,7 +21,7 @@ from flax import nnx
 from jaxlm.cache import KVCache, write
 from jaxlm.config import ModelConfig
 from pallas_kernels import attention
-from pallas_kernels.dispatch import projection
+from pallas_kernels.dispatch import gated_mlp_hidden, projection
 from sharding.rules import constrain
 
 _REMAT_POLICIES = {
@@ -110,9 +110,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = projection("bte,ef->btf", x_BxTxE, self.w_gate[...].astype(dt), impl=self.impl)
-        up = projection("bte,ef->btf", x_BxTxE, self.w_up[...].astype(dt), impl=self.impl)
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        h = gated_mlp_hidden(x_BxTxE, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), impl=self.impl)
+        h = constrain(h, ("batch", "seq", "act_mlp"))
         return projection("btf,fe->bte", h, self.w_down[...].astype(dt), impl=self.impl)
 
 

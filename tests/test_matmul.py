@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError, MeshConfig
-from pallas_kernels.dispatch import PROJECTIONS, projection, resolve_matmul_impl
+from pallas_kernels.dispatch import PROJECTIONS, gated_mlp_hidden, projection, resolve_matmul_impl
 from pallas_kernels.matmul import BLOCK_TABLE, matmul, pick_blocks, swiglu
 from sharding.mesh import make_mesh
 from sharding.rules import logical_sharding
@@ -193,6 +193,19 @@ def test_projection_on_a_mesh_matches_einsum(equation, devices):
         got = fn(x, w_sharded)
     _close(got, jnp.einsum(equation, x, w, precision="highest"), TOL_F32_OUT)
     assert jnp.array_equal(projection(equation, x, w, impl="xla"), jnp.einsum(equation, x, w))
+
+
+def test_gated_mlp_hidden_on_a_mesh_matches_einsums(devices):
+    """The fused SwiGLU per shard (fsdp4 x tensor2): weights gathered over fsdp, mlp split."""
+    x, wg, wu = _rand(19, (8, 4, 12), jnp.float32), _rand(20, (12, 20), jnp.float32), _rand(21, (12, 20), jnp.float32)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices)
+    put = functools.partial(jax.device_put, device=logical_sharding(mesh, ("embed", "mlp")))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: gated_mlp_hidden(*a, impl="pallas"))(x, put(wg), put(wu))
+    gate, up = (jnp.einsum("bte,ef->btf", x, w, precision="highest") for w in (wg, wu))
+    _close(got, jax.nn.silu(gate) * up, TOL_F32_OUT * 10)
+    want = jax.nn.silu(jnp.einsum("bte,ef->btf", x, wg)) * jnp.einsum("bte,ef->btf", x, wu)
+    assert jnp.array_equal(gated_mlp_hidden(x, wg, wu, impl="xla"), want)
 
 
 def test_train_step_with_pallas_projections_matches_xla(devices):
