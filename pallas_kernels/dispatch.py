@@ -121,7 +121,8 @@ def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
     return impl
 
 
-def _is_hopper() -> bool:
+def is_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
@@ -131,7 +132,7 @@ def _project_2d(x, w, *, interpret: bool):
     from pallas_kernels.matmul import matmul  # imported here: keeps this section additive
     from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
 
-    gemm = matmul_hopper if not interpret and _is_hopper() else functools.partial(matmul, interpret=interpret)
+    gemm = matmul_hopper if not interpret and is_hopper() else functools.partial(matmul, interpret=interpret)
     nc = x.ndim - 2
     out_dims = w.shape[nc:]
     x2 = x.reshape(x.shape[0] * x.shape[1], -1)
