@@ -12,7 +12,8 @@ dimension up to its block (zeros in K add nothing) and slices the result back.
 Block sizes come from one table, :data:`BLOCK_TABLE`, read by :func:`pick_blocks`; callers may
 override them (powers of two, at least 16). The backward pass (``jax.custom_vjp``) runs the same
 kernel with a transposed operand read in place (no transpose is materialised):
-``dA = dC B^T`` and ``dB = A^T dC``, each with blocks picked for its own shape.
+``dA = dC B^T`` and ``dB = A^T dC``, each with blocks picked for its own shape; ``dC`` is cast
+to the inputs' dtype first, so a bf16 GEMM with a float32 output has bf16 backward GEMMs.
 
 :func:`swiglu` fuses ``silu(x @ w_gate) * (x @ w_up)`` into one kernel with two accumulators
 (x is read once); its backward recomputes both pre-activations with the GEMM kernel.
