@@ -1,14 +1,18 @@
-"""Attention kernel benchmark: flash attention (Pallas) against the XLA reference and cuDNN,
-and decode attention (Pallas) against the XLA reference.
+"""Kernel benchmark: flash attention (Pallas) against the XLA reference and cuDNN, decode
+attention (Pallas) against the XLA reference, and the Pallas GEMMs against XLA's dot.
 
     python benchmarks/kernels.py [--seq 1024 4096] [--head-dim 64 128] [--decode-len 8192]
-                                 [--sections flash decode] [--out benchmarks/out/kernels.json]
+                                 [--matmul-shapes 8192x8192x8192]
+                                 [--sections flash decode matmul] [--out benchmarks/out/kernels.json]
 
 Flash: TFLOP/s of the forward and forward+backward passes (causal FLOPs counted as half of
 dense). Decode (one new token per sequence against a full KV cache): achieved GB/s over the
 bytes of K and V cache read, the number that bounds decoding. On a GPU the defaults are real
 sizes; on CPU it runs tiny sizes with the Pallas interpreter so the script stays runnable (those
 numbers measure nothing but correctness of the plumbing). Prints a table and writes JSON.
+Matmul: TFLOP/s of ``[M, K] @ [K, N]`` forward and forward+backward for the model's projection
+shapes (demo config, 16k tokens) and 8192^3: Triton (and the Mosaic GPU kernel on Hopper)
+against ``jnp.dot``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,52 @@ def _decode_rows(args, on_gpu: bool, dtype) -> list[dict]:
     return rows
 
 
+def _matmul_impls(on_gpu: bool):
+    from pallas_kernels.dispatch import is_hopper
+    from pallas_kernels.matmul import matmul
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
+
+    impls = {"pallas": lambda a, b: matmul(a, b, interpret=not on_gpu), "xla": jnp.dot}
+    if on_gpu and is_hopper():
+        impls["mosaic"] = matmul_hopper
+    return impls
+
+
+def _model_shapes(tokens: int) -> list[tuple[int, int, int]]:
+    """(M, N, K) of the model's projections at ``tokens`` tokens, demo config."""
+    from jaxlm.config import load_config
+
+    m = load_config(pathlib.Path(__file__).parent.parent / "configs" / "demo.yaml").model
+    E, F, HD, KD = m.embed_dim, m.mlp_dim, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    return sorted({(tokens, HD, E), (tokens, KD, E), (tokens, E, HD), (tokens, F, E), (tokens, E, F)})
+
+
+def _matmul_rows(args, on_gpu: bool, dtype) -> list[dict]:
+    shapes = [tuple(map(int, s.split("x"))) for s in args.matmul_shapes] if args.matmul_shapes else (
+        _model_shapes(16384) + [(8192, 8192, 8192)] if on_gpu else [(64, 96, 64)]
+    )
+    rows = []
+    for M, N, K in shapes:
+        a = jax.random.normal(jax.random.key(0), (M, K), dtype)
+        b = jax.random.normal(jax.random.key(1), (K, N), dtype)
+        flops = 2 * M * N * K
+        for name, fn in _matmul_impls(on_gpu).items():
+            fwd = jax.jit(fn)
+            grad = jax.jit(jax.grad(lambda a, b, fn=fn: jnp.sum(fn(a, b).astype(jnp.float32)), (0, 1)))
+            try:
+                t_f = _time(fwd, a, b, iters=args.iters)
+                t_fb = _time(grad, a, b, iters=args.iters)
+            except Exception as e:  # report, keep going
+                print(f"{M}x{N}x{K} {name}: failed: {str(e).splitlines()[0]}")
+                continue
+            row = {"impl": name, "m": M, "n": N, "k": K, "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+                   "fwd_tflops": flops / t_f / 1e12, "fwd_bwd_tflops": 3 * flops / t_fb / 1e12}
+            rows.append(row)
+            print(f"{M:>6}x{N:<6}x{K:<6} {name:<7} fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.2f} TFLOP/s   "
+                  f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.2f} TFLOP/s", flush=True)
+    return rows
+
+
 def main() -> None:
     on_gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +132,9 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=16 if on_gpu else 2)
     p.add_argument("--tokens", type=int, default=16384 if on_gpu else 64, help="batch * seq per measurement")
     p.add_argument("--iters", type=int, default=10 if on_gpu else 1)
-    p.add_argument("--sections", nargs="+", choices=("flash", "decode"), default=["flash", "decode"])
+    p.add_argument("--sections", nargs="+", choices=("flash", "decode", "matmul"),
+                   default=["flash", "decode", "matmul"])
+    p.add_argument("--matmul-shapes", nargs="+", default=None, help="MxNxK, e.g. 8192x8192x8192")
     p.add_argument("--decode-len", type=int, nargs="+", default=[1024, 8192, 32768] if on_gpu else [40])
     p.add_argument("--decode-batch", type=int, default=16 if on_gpu else 2)
     p.add_argument("--decode-heads", type=int, default=32 if on_gpu else 4)
@@ -117,11 +169,12 @@ def main() -> None:
                 print(f"seq={T:<6} d={D:<4} {name:<7} fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.2f} TFLOP/s   "
                       f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.2f} TFLOP/s", flush=True)
     decode_rows = _decode_rows(args, on_gpu, dtype) if "decode" in args.sections else []
+    matmul_rows = _matmul_rows(args, on_gpu, dtype) if "matmul" in args.sections else []
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
             "dtype": jnp.dtype(dtype).name, **vars(args)}
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode_rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode_rows, "matmul": matmul_rows}, indent=2))
     print(f"wrote {out}")
 
 

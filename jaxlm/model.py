@@ -22,6 +22,7 @@ from flax import nnx
 from jaxlm.cache import KVCache, write
 from jaxlm.config import ModelConfig
 from pallas_kernels import attention, cached_attention
+from pallas_kernels.dispatch import gated_mlp_hidden, projection
 from sharding.pipeline import num_stages, pipeline_layers
 from sharding.rules import constrain
 
@@ -75,9 +76,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
-        q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wq[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wk[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.wv[...].astype(dt))
+        mm = cfg.matmul_impl
+        q = projection("bte,ehd->bthd", x_BxTxE, self.wq[...].astype(dt), impl=mm)
+        k = projection("bte,ehd->bthd", x_BxTxE, self.wk[...].astype(dt), impl=mm)
+        v = projection("bte,ehd->bthd", x_BxTxE, self.wv[...].astype(dt), impl=mm)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         if kv is None:  # training: keys are this call's tokens
@@ -91,7 +93,7 @@ class Attention(nnx.Module):
             kv = (write(k_cache, k, start), write(v_cache, v, start))
             out = cached_attention(q, *kv, q_positions=positions_BxT, impl=cfg.attention_impl)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
-        return jnp.einsum("bthd,hde->bte", out, self.wo[...].astype(dt)), kv
+        return projection("bthd,hde->bte", out, self.wo[...].astype(dt), impl=mm), kv
 
 
 class MLP(nnx.Module):
@@ -103,13 +105,13 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (E, F), ("embed", "mlp"), std, pd)
         self.w_down = _param(rngs, (F, E), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5, pd)
         self.dtype = jnp.dtype(cfg.compute_dtype)
+        self.impl = cfg.matmul_impl
 
     def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = jnp.einsum("bte,ef->btf", x_BxTxE, self.w_gate[...].astype(dt))
-        up = jnp.einsum("bte,ef->btf", x_BxTxE, self.w_up[...].astype(dt))
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-        return jnp.einsum("btf,fe->bte", h, self.w_down[...].astype(dt))
+        h = gated_mlp_hidden(x_BxTxE, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), impl=self.impl)
+        h = constrain(h, ("batch", "seq", "act_mlp"))
+        return projection("btf,fe->bte", h, self.w_down[...].astype(dt), impl=self.impl)
 
 
 class Block(nnx.Module):

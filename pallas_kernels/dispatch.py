@@ -143,3 +143,133 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, impl: str = "auto"):
     cache = logical_spec(("batch", "cache_seq", "kv_heads", "head_dim"))
     tokens = logical_spec(("batch", "seq"))
     return per_shard(fn, in_specs=(heads, cache, cache, tokens), out_specs=heads)(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# matmul: the model's projections
+#
+# * ``xla``    - ``jnp.einsum``, exactly the model's einsums, any platform.
+# * ``pallas`` - :func:`pallas_kernels.matmul.matmul` (Triton) on the projection reshaped to a
+#   2-D GEMM; on CPU it runs in the Pallas interpreter, for debugging. Under a mesh it runs per
+#   shard in ``shard_map``: activations split over the batch axes, weights gathered over fsdp by
+#   the in_specs and split over ``tensor`` on their heads/mlp dims; a projection that contracts
+#   a split dim (wo, w_down) adds its partial sums with a psum over that axis.
+#   On a Hopper GPU (sm_90) ``pallas`` runs the Mosaic GPU kernel of
+#   :mod:`pallas_kernels.matmul_mosaic` instead (its numerics are checked in the Mosaic GPU
+#   interpreter, its CUDA lowering by the tests); shapes it cannot take go to Triton, announced.
+# * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere.
+
+MATMUL_IMPLS = ("xla", "pallas")
+_MATMUL_AUTO = {"gpu": "pallas", "cuda": "pallas"}
+
+# equation -> logical names of (activation, weight); activations are [batch, seq, ...], the
+# weight's leading dims contract the activation's trailing ones (the weight's embed dim is None:
+# gathered over fsdp). The output is split as the activation's batch and the weight's outputs.
+PROJECTIONS: dict[str, tuple[tuple[str | None, ...], tuple[str | None, ...]]] = {
+    "bte,ehd->bthd": (("batch", "seq", "act_embed"), (None, "heads", "head_dim")),
+    "bthd,hde->bte": (("batch", "seq", "act_heads", "head_dim"), ("heads", "head_dim", None)),
+    "bte,ef->btf": (("batch", "seq", "act_embed"), (None, "mlp")),
+    "btf,fe->bte": (("batch", "seq", "act_mlp"), ("mlp", None)),
+}
+
+
+def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
+    """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
+    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
+
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return _MATMUL_AUTO.get(platform, "xla")
+    if impl not in MATMUL_IMPLS:
+        raise ConfigError(f"matmul_impl '{impl}' is not available; choose one of auto, {', '.join(MATMUL_IMPLS)}")
+    if impl == "pallas" and platform not in _PALLAS_PLATFORMS:
+        raise ConfigError(f"matmul_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
+    return impl
+
+
+def is_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _project_2d(x, w, *, interpret: bool):
+    """[b, t, *c] x [*c, *o] -> [b, t, *o] as one [b*t, prod c] @ [prod c, prod o] GEMM."""
+    from pallas_kernels.matmul import matmul  # imported here: keeps this section additive
+    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
+
+    gemm = matmul_hopper if not interpret and is_hopper() else functools.partial(matmul, interpret=interpret)
+    nc = x.ndim - 2
+    out_dims = w.shape[nc:]
+    x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+    w2 = w.reshape(x2.shape[1], -1)
+    return gemm(x2, w2).reshape(*x.shape[:2], *out_dims)
+
+
+def _fitted_spec(names, shape, mesh):
+    """Logical names -> PartitionSpec on ``mesh``, replicating a dim its axes do not divide."""
+    from sharding.rules import logical_spec, mesh_axis_size
+
+    spec = logical_spec(names)
+    return jax.sharding.PartitionSpec(
+        *(axes if size % mesh_axis_size(mesh, axes) == 0 else None for axes, size in zip(spec, shape))
+    )
+
+
+def projection(equation: str, x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """The model's door to its projections: ``jnp.einsum(equation, x, w)`` by ``impl``.
+
+    ``equation`` is one of :data:`PROJECTIONS` (q/k/v, attention output, SwiGLU gate/up, down).
+    Output dtype follows the einsum's (the inputs' common dtype); accumulation is float32.
+    """
+    if equation not in PROJECTIONS:
+        raise ValueError(f"projection '{equation}' is not one of {', '.join(PROJECTIONS)}")
+    if resolve_matmul_impl(impl) == "xla":
+        return jax.numpy.einsum(equation, x, w)
+    from sharding.rules import per_shard
+
+    fn = functools.partial(_project_2d, interpret=jax.default_backend() == "cpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x, w)
+    x_names, w_names = PROJECTIONS[equation]
+    x_spec, w_spec = _fitted_spec(x_names, x.shape, mesh), _fitted_spec(w_names, w.shape, mesh)
+    nc = x.ndim - 2  # contracted dims
+    out_spec = jax.sharding.PartitionSpec(*x_spec[:2], *w_spec[nc:])
+    split = [a for axes in w_spec[:nc] if axes for a in ((axes,) if isinstance(axes, str) else axes)]
+
+    def local(x, w):
+        out = fn(x, w)
+        return jax.lax.psum(out, tuple(split)) if split else out
+
+    return per_shard(local, in_specs=(x_spec, w_spec), out_specs=out_spec)(x, w)
+
+
+def _swiglu_2d(x, w_gate, w_up, *, interpret: bool):
+    from pallas_kernels.matmul import swiglu  # imported here: keeps this section additive
+
+    x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+    return swiglu(x2, w_gate, w_up, interpret=interpret).reshape(*x.shape[:2], w_gate.shape[1])
+
+
+def gated_mlp_hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """SwiGLU's hidden ``silu(x @ w_gate) * (x @ w_up)``: ``[b, t, e] x [e, f] x [e, f] -> [b, t, f]``.
+
+    ``xla`` is the two einsums and the product; ``pallas`` is the fused kernel
+    (:func:`pallas_kernels.matmul.swiglu`, Triton on every GPU: the Hopper kernel has no fused
+    form), which rounds once from float32 rather than after each projection. Under a mesh it
+    runs per shard like the gate/up :func:`projection`: no reduction is needed.
+    """
+    if resolve_matmul_impl(impl) == "xla":
+        gate = jax.numpy.einsum("bte,ef->btf", x, w_gate)
+        return jax.nn.silu(gate) * jax.numpy.einsum("bte,ef->btf", x, w_up)
+    from sharding.rules import per_shard
+
+    fn = functools.partial(_swiglu_2d, interpret=jax.default_backend() == "cpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x, w_gate, w_up)
+    x_names, w_names = PROJECTIONS["bte,ef->btf"]
+    x_spec, w_spec = _fitted_spec(x_names, x.shape, mesh), _fitted_spec(w_names, w_gate.shape, mesh)
+    out_spec = jax.sharding.PartitionSpec(*x_spec[:2], w_spec[1])
+    return per_shard(fn, in_specs=(x_spec, w_spec, w_spec), out_specs=out_spec)(x, w_gate, w_up)
