@@ -241,6 +241,12 @@ def initialize(env: Mapping[str, str] | None = None) -> DistributedSettings | No
     settings = settings_from_env(os.environ if env is None else env)
     if settings is None or jax.distributed.is_initialized():
         return settings
+    print(
+        f"jaxlm: process {settings.process_id} of {settings.num_processes} joining {settings.coordinator_address} "
+        f"({settings.source}; waiting up to {settings.init_timeout_s} s for every process)",
+        file=sys.stderr,
+        flush=True,
+    )
     jax.distributed.initialize(**_jax_initialize_kwargs(settings))
     from jax._src import distributed as jax_distributed  # the connected client, for heartbeats
 

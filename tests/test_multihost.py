@@ -204,6 +204,7 @@ def jaxlm_train(cfg, mesh):
     return train(cfg, mesh=mesh, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(two_process_run, one_process_reference):
     _, _, reports = two_process_run
     _, ref = one_process_reference
@@ -216,6 +217,7 @@ def test_two_processes_train_like_one(two_process_run, one_process_reference):
     assert reports[0]["losses"] == reports[1]["losses"]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_processes_restores_in_one(two_process_run, one_process_reference):
     from jaxlm.checkpoint import restore
 
