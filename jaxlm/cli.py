@@ -13,18 +13,26 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> None:
-    import jaxlm
+    import jax
 
+    import jaxlm
+    from sharding import distributed
+
+    distributed.initialize()  # joins a multi-process launch; before anything touches a device
     cfg = jaxlm.load_config(args.config, args.overrides)
     result = jaxlm.train(cfg)
-    if cfg.checkpoint.dir:
-        print(f"checkpoint: {cfg.checkpoint.dir} (step {cfg.train.steps})")
-    print(f"validation loss: {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
+    distributed.finish()
+    if jax.process_index() == 0:
+        if cfg.checkpoint.dir:
+            print(f"checkpoint: {cfg.checkpoint.dir} (step {cfg.train.steps})")
+        print(f"validation loss: {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
 
 
 def _generate(args: argparse.Namespace) -> None:
     import jaxlm
+    from sharding import distributed
 
+    distributed.initialize()
     model, cfg = jaxlm.restore(args.checkpoint, step=args.step)
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cfg.decode)} and v is not None}
     decode = dataclasses.replace(cfg.decode, **overrides)

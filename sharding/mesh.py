@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxlm.config import ConfigError, MeshConfig
@@ -45,10 +46,40 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def split_across_processes(sizes: Sequence[int], num_processes: int, local_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(per_process, across_processes)`` axis sizes whose elementwise product is ``sizes``.
+
+    The tensor axis stays inside a process (it communicates every layer); the processes are laid
+    over ``data`` first, then ``fsdp``.
+    """
+    data, fsdp, tensor = sizes
+    if local_devices % tensor:
+        raise ConfigError(
+            f"mesh.tensor={tensor} must divide the {local_devices} devices of one process: "
+            "tensor parallelism stays inside a process; lower mesh.tensor"
+        )
+    across_data = math.gcd(data, num_processes)
+    across_fsdp = num_processes // across_data
+    if fsdp % across_fsdp:
+        raise ConfigError(
+            f"mesh data={data}, fsdp={fsdp} cannot be split over {num_processes} processes "
+            f"(data*fsdp must be a multiple of the process count laid over data, then fsdp)"
+        )
+    return (data // across_data, fsdp // across_fsdp, tensor), (across_data, across_fsdp, 1)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the mesh over ``devices`` (default: all devices of all processes)."""
+    """Build the mesh over ``devices`` (default: all devices of all processes).
+
+    With several processes the mesh is hybrid: ``data``/``fsdp`` cross processes, ``tensor``
+    stays within one (see ``split_across_processes``).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(cfg, len(devices))
+    if jax.process_count() > 1 and len(devices) == len(jax.devices()):
+        per_process, across = split_across_processes(sizes, jax.process_count(), jax.local_device_count())
+        grid = mesh_utils.create_hybrid_device_mesh(per_process, across, devices, process_is_granule=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
     # A subset of devices (tests, notebooks): keep the given order.
