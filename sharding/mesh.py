@@ -47,25 +47,28 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def split_across_processes(sizes: Sequence[int], num_processes: int, local_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(per_process, across_processes)`` axis sizes whose elementwise product is ``sizes``.
+    """``(per_process, across_processes)`` sizes for ``MESH_AXES`` whose elementwise product is ``sizes``.
 
     The tensor axis stays inside a process (it communicates every layer); the processes are laid
-    over ``data`` first, then ``fsdp``.
+    over ``data`` first, then ``fsdp``, ``stage`` and ``sequence``.
     """
-    data, fsdp, tensor = sizes
-    if local_devices % tensor:
+    axis = dict(zip(MESH_AXES, sizes))
+    if local_devices % axis["tensor"]:
         raise ConfigError(
-            f"mesh.tensor={tensor} must divide the {local_devices} devices of one process: "
+            f"mesh.tensor={axis['tensor']} must divide the {local_devices} devices of one process: "
             "tensor parallelism stays inside a process; lower mesh.tensor"
         )
-    across_data = math.gcd(data, num_processes)
-    across_fsdp = num_processes // across_data
-    if fsdp % across_fsdp:
+    across = dict.fromkeys(MESH_AXES, 1)
+    remaining = num_processes
+    for name in ("data", "fsdp", "stage", "sequence"):
+        across[name] = math.gcd(axis[name], remaining)
+        remaining //= across[name]
+    if remaining != 1:
         raise ConfigError(
-            f"mesh data={data}, fsdp={fsdp} cannot be split over {num_processes} processes "
-            f"(data*fsdp must be a multiple of the process count laid over data, then fsdp)"
+            f"mesh {', '.join(f'{k}={v}' for k, v in axis.items())} cannot be split over {num_processes} processes "
+            "(data*fsdp*stage*sequence must be a multiple of the process count)"
         )
-    return (data // across_data, fsdp // across_fsdp, tensor), (across_data, across_fsdp, 1)
+    return tuple(axis[a] // across[a] for a in MESH_AXES), tuple(across[a] for a in MESH_AXES)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -158,13 +158,15 @@ def test_ompi_env():
 
 
 def test_hybrid_split():
-    assert split_across_processes((1, 4, 1), 2, 2) == ((1, 2, 1), (1, 2, 1))
-    assert split_across_processes((2, 2, 2), 4, 2) == ((1, 1, 2), (2, 2, 1))
-    assert split_across_processes((4, 2, 1), 2, 4) == ((2, 2, 1), (2, 1, 1))
+    # sizes in MESH_AXES order: (stage, data, fsdp, sequence, tensor)
+    assert split_across_processes((1, 1, 4, 1, 1), 2, 2) == ((1, 1, 2, 1, 1), (1, 1, 2, 1, 1))
+    assert split_across_processes((1, 2, 2, 1, 2), 4, 2) == ((1, 1, 1, 1, 2), (1, 2, 2, 1, 1))
+    assert split_across_processes((1, 4, 2, 1, 1), 2, 4) == ((1, 2, 2, 1, 1), (1, 2, 1, 1, 1))
+    assert split_across_processes((2, 1, 2, 1, 2), 4, 2) == ((1, 1, 1, 1, 2), (2, 1, 2, 1, 1))
     with pytest.raises(ConfigError, match="mesh.tensor=4 must divide the 2 devices of one process"):
-        split_across_processes((1, 1, 4), 2, 2)
+        split_across_processes((1, 1, 1, 1, 4), 2, 2)
     with pytest.raises(ConfigError, match="cannot be split over 4 processes"):
-        split_across_processes((2, 1, 4), 4, 8)
+        split_across_processes((1, 2, 1, 1, 4), 4, 8)
 
 
 # ---------------------------------------------------------------- real processes
