@@ -1,6 +1,6 @@
 """The ``jaxlm`` command line. Thin: parse arguments, then call the library.
 
-    jaxlm train CONFIG [section.key=value ...]
+    jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...]   # e.g. configs/layouts/fsdp_tp.yaml
     jaxlm generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N ...]
     jaxlm rules            # print the logical -> mesh sharding table
 """
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order, e.g. configs/layouts/fsdp_tp.yaml train.steps=100")
     t.set_defaults(fn=_train)
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run directory written by `jaxlm train`")

@@ -274,19 +274,29 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     return validate(_build(Config, data, ""))
 
 
-def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = pathlib.Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections")
-    return config_from_dict(_merge(data, parse_overrides(overrides)))
+def _read_yaml(p: pathlib.Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+    return data
 
+
+def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides in order.
+
+    An override is ``section.key=value`` or another YAML file (a layout preset such as
+    ``configs/layouts/fsdp_tp.yaml``) whose sections are merged over what came before.
+    """
+    data: dict[str, Any] = {} if path is None else _read_yaml(pathlib.Path(path))
+    for item in overrides:
+        if item.endswith((".yaml", ".yml")) and "=" not in item:
+            data = _merge(data, _read_yaml(pathlib.Path(item)))
+        else:
+            data = _merge(data, parse_overrides([item]))
+    return config_from_dict(data)
