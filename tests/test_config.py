@@ -36,6 +36,7 @@ def test_all_shipped_configs_load():
         (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
         (["train.steps"], "override 'train.steps' must look like section.key=value"),
         (["decode.top_p=0"], "decode needs"),
+        (["model.attention_impl=flash"], "config key 'model.attention_impl' is 'flash'; choose one of auto, xla, pallas, cudnn"),
     ],
 )
 def test_bad_config_gives_one_line_error(overrides, fragment):
@@ -44,6 +45,11 @@ def test_bad_config_gives_one_line_error(overrides, fragment):
     message = str(e.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_attention_impl_choices_load():
+    for impl in ("auto", "xla", "pallas", "cudnn"):
+        assert tiny_config(f"model.attention_impl={impl}").model.attention_impl == impl
 
 
 def test_missing_and_malformed_files(tmp_path):
