@@ -11,30 +11,45 @@ What the kernel supports (anything else goes to the Triton kernel, announced onc
   * any sequence lengths: the wrapper pads queries to a multiple of ``2 * block_q`` with position
     ``int32.min`` (they see nothing) and keys to a multiple of ``block_kv`` with position
     ``int32.max`` (nobody sees them), then slices the result back;
-  * masking by arbitrary positions, elementwise on every visited tile (so prefill, packed
-    positions and cached decoding are all exact), and tile skipping: a (query block, key block)
-    tile whose smallest key position exceeds the block's largest query position skips both
-    matmuls. With sorted positions (causal training) that is the upper triangle, about half the
-    work. K/V tiles are still streamed (TMA) for skipped tiles; only the tensor-core work is saved.
+  * masking by arbitrary positions, elementwise on every visited tile (so prefill, cached
+    decoding and any position layout are exact; non-causal attention is positions that make
+    every key visible), and tile skipping: a (query block, key block) tile whose smallest key
+    position exceeds the block's largest query position skips both matmuls. With sorted
+    positions (causal training) that is the upper triangle, about half the work. K/V tiles are
+    still streamed (TMA) for skipped tiles; only the tensor-core work is saved.
   * no segment ids.
 
 Kernel shape: one CTA per (query head, pair of query blocks, batch) with three warpgroups: two
-compute warpgroups, each owning ``block_q`` queries (wgmma ``Q K^T`` and ``P V`` from swizzled
-shared memory, online softmax in float32 registers, base-2 exponentials), and one memory
-warpgroup that streams K, V and key positions through a ``max_concurrent_steps``-deep ring of
-shared-memory slots with TMA, guarded by "loaded" and "consumed" barriers.
+compute warpgroups, each owning ``block_q`` = 64 queries (wgmma ``Q K^T`` and ``P V`` from
+swizzled shared memory, online softmax in float32 registers with base-2 exponentials), and one
+memory warpgroup that streams K^T, V and key positions through a ``max_concurrent_steps``-deep
+ring of shared-memory slots with TMA, guarded by "loaded" and "consumed" barriers (it also
+waits out the last releases, so no barrier phase goes unobserved). Three choices keep the
+kernel inside what the Mosaic GPU interpreter can execute, so the very code that lowers is the
+code whose numerics are tested: K is transposed once in HBM (``[B, K, D, S]``) so the ``Q K^T``
+wgmma reads an untransposed operand; ``P`` goes through shared memory (the interpreter's wgmma
+takes its A operand from shared memory only); each ``P V`` product lands in a fresh accumulator
+that is added to the rescaled running sum in registers (the interpreter has no ``run_state``).
+FA3-style refinements (P kept in registers, accumulator reuse, a schedule barrier between the
+compute warpgroups, unmasked fast path for fully visible tiles) are left for tuning on hardware.
 
 Outputs: O in q's dtype and the natural-log log-sum-exp ``[batch, heads, q_len]`` float32 --
 exactly what :func:`pallas_kernels.flash_attention._backward` consumes, so the custom VJP pairs
 this forward with the Triton dq and dk/dv kernels (probabilities recomputed from the LSE).
 A query row that sees no key gives zeros, as in the Triton kernel.
 
-Verification: the kernel lowers to a ``mosaic_gpu`` custom call for an H100 target without a GPU
-(``tests/test_flash_attention_mosaic.py`` cross-lowers every configuration the dispatcher can
-pick, forward and gradient), and its numerics are checked on CPU by the Pallas Mosaic GPU
-interpreter, which simulates the warpgroups, shared memory, TMA copies, barriers and wgmma
-(``interpret=True``; layout casts are lowering hints and are left out when interpreting).
-Hardware timing and tuning are done by ``benchmarks/kernels.py`` on a Hopper GPU.
+Verification (no GPU needed; ``tests/test_flash_attention_mosaic.py``):
+  * numerics: the Pallas Mosaic GPU interpreter (``interpret=True``; jax >= 0.10) runs the
+    kernel on CPU, simulating the warpgroups as threads, shared memory, TMA copies, barriers and
+    wgmma; it matches :func:`pallas_kernels.reference.attention_reference` for bf16 with
+    head_dim 64 and GQA (forward and the mixed Mosaic-forward/Triton-backward gradients) and for
+    fp16 with head_dim 128 (forward), with padding, offset positions and tile skipping.
+    Layout casts are lowering hints the interpreter has no use for and are skipped there.
+    The interpreter does not model register layouts, asynchronous wgmma completion or timing;
+  * lowering: every configuration the dispatcher can pick (bf16/fp16 x head_dim 64/128, GQA,
+    training and decode shapes), forward and gradient, lowers for an abstract H100 to a
+    ``mosaic_gpu_v2`` custom call (the Mosaic compiler runs, shared-memory budget included).
+Runs on real Hopper hardware are for ``benchmarks/kernels.py``.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ def _close(got, want, tol):
 
 def test_interpreter_forward_and_gradient_bf16_gqa_prefill():
     # GQA (2 q heads per kv head), T=100 padded to 128, S=192 in 3 kv tiles of 64 through a
-    # 2-slot ring (refill and drain), queries at the end of the keys (prefill positions), and
-    # the first kv tile fully visible, the last partially: masking and tile skipping both act.
+    # 2-slot ring (refill and drain), queries offset into the keys (prefill-like positions 12..111):
+    # the first kv tile partly masked, the second partly, the third skipped by both warpgroups.
     B, T, S, H, K, D = 1, 100, 192, 2, 1, 64
     q, k, v = _inputs(B, T, S, H, K, D, jnp.bfloat16)
-    q_pos = jnp.broadcast_to(jnp.arange(T) + (S - T) - 40, (B, T))  # the last 40 keys are unseen
+    q_pos = jnp.broadcast_to(jnp.arange(T) + 12, (B, T))
     kv_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
 
     def mosaic(q, k, v):
@@ -95,6 +95,18 @@ def test_cross_lowers_for_h100_forward_and_gradient(dtype, head_dim):
     grad = jax.grad(lambda q, k, v, pos: _loss(lambda *a: attn(*a, pos), head_dim)(q, k, v), (0, 1, 2))
     calls = _custom_calls(grad, q, k, k, pos)
     assert calls.count("mosaic_gpu_v2") == 1 and len(calls) == 3  # + Triton dq and dk/dv
+
+
+def test_cross_lowers_for_h100_decode_shape():
+    """One query against a cache of odd length (padded to the tiles), GQA 4:1."""
+    q = jax.ShapeDtypeStruct((2, 1, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+
+    def attn(q, k, v, q_pos, kv_pos):
+        return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, backend="mosaic")
+
+    args = (q, k, k, jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 1000), jnp.int32))
+    assert _custom_calls(attn, *args) == ["mosaic_gpu_v2"]
 
 
 @pytest.mark.parametrize(
