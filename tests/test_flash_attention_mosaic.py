@@ -5,6 +5,7 @@ shared memory, TMA, barriers and wgmma on CPU, slowly, hence tiny shapes), and l
 an abstract H100 so the Mosaic compiler sees every configuration the dispatcher can pick.
 """
 
+import faulthandler
 import re
 import warnings
 
@@ -19,6 +20,15 @@ from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic, unsupp
 
 _H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
+
+
+@pytest.fixture
+def watchdog():
+    """The interpreter runs warpgroups as threads; a kernel error can leave the others waiting on a
+    barrier forever. Fail loudly (tracebacks, exit) instead of hanging the suite."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _inputs(B, T, S, H, K, D, dtype, seed=0):
@@ -38,7 +48,7 @@ def _close(got, want, tol):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
-def test_interpreter_forward_and_gradient_bf16_gqa_prefill():
+def test_interpreter_forward_and_gradient_bf16_gqa_prefill(watchdog):
     # GQA (2 q heads per kv head), T=100 padded to 128, S=192 in 3 kv tiles of 64 through a
     # 2-slot ring (refill and drain), queries offset into the keys (prefill-like positions 12..111):
     # the first kv tile partly masked, the second partly, the third skipped by both warpgroups.
@@ -63,7 +73,7 @@ def test_interpreter_forward_and_gradient_bf16_gqa_prefill():
         _close(g, w, 3e-2)
 
 
-def test_interpreter_forward_fp16_head_dim_128_causal():
+def test_interpreter_forward_fp16_head_dim_128_causal(watchdog):
     B, T, H, K, D = 1, 128, 1, 1, 128
     q, k, v = _inputs(B, T, T, H, K, D, jnp.float16, seed=3)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
