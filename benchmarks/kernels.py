@@ -1,18 +1,21 @@
-"""Kernel benchmark: flash attention (Pallas) against the XLA reference and cuDNN, decode
-attention (Pallas) against the XLA reference, and the Pallas GEMMs against XLA's dot.
+"""Kernel benchmark: flash attention (Mosaic GPU and Triton) against cuDNN and the XLA reference,
+decode attention (Pallas) against the XLA reference, and the Pallas GEMMs against XLA's dot.
 
-    python benchmarks/kernels.py [--seq 1024 4096] [--head-dim 64 128] [--decode-len 8192]
+    python benchmarks/kernels.py [--seq 1024 4096 16384] [--head-dim 64 128] [--causal both]
+                                 [--impls mosaic triton cudnn xla] [--decode-len 8192]
                                  [--matmul-shapes 8192x8192x8192]
                                  [--sections flash decode matmul] [--out benchmarks/out/kernels.json]
 
 Flash: TFLOP/s of the forward and forward+backward passes (causal FLOPs counted as half of
-dense). Decode (one new token per sequence against a full KV cache): achieved GB/s over the
-bytes of K and V cache read, the number that bounds decoding. On a GPU the defaults are real
-sizes; on CPU it runs tiny sizes with the Pallas interpreter so the script stays runnable (those
-numbers measure nothing but correctness of the plumbing). Prints a table and writes JSON.
-Matmul: TFLOP/s of ``[M, K] @ [K, N]`` forward and forward+backward for the model's projection
-shapes (demo config, 16k tokens) and 8192^3: Triton (and the Mosaic GPU kernel on Hopper)
-against ``jnp.dot``.
+dense). Implementations: ``mosaic`` (Hopper Mosaic GPU forward + Triton backward; sm_90 only),
+``triton`` (Pallas Triton forward + backward), ``cudnn`` (``jax.nn.dot_product_attention``),
+``xla`` (the reference). Decode (one new token per sequence against a full KV cache): achieved
+GB/s over the bytes of K and V cache read, the number that bounds decoding. Matmul: TFLOP/s of
+``[M, K] @ [K, N]`` forward and forward+backward for the model's projection shapes (demo config,
+16k tokens) and 8192^3: Triton (and the Mosaic GPU kernel on Hopper) against ``jnp.dot``.
+On a GPU the defaults are real sizes (bf16); on CPU it runs tiny sizes with the Pallas
+interpreter so the script stays runnable (those numbers measure nothing but the plumbing).
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -37,19 +40,23 @@ def _time(fn, *args, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _impls(on_gpu: bool):
-    def pallas(q, k, v, pos):
-        return flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, interpret=not on_gpu)
+def _impls(on_gpu: bool, hopper: bool, causal: bool):
+    def flash(backend):
+        def fn(q, k, v, q_pos, kv_pos):
+            return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
+                                   interpret=not on_gpu, backend=backend)
+        return fn
 
-    def xla(q, k, v, pos):
-        return attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos)
+    def xla(q, k, v, q_pos, kv_pos):
+        return attention_reference(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos)
 
-    impls = {"pallas": pallas, "xla": xla}
+    def cudnn(q, k, v, q_pos, kv_pos):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+    impls = {"triton": flash("triton"), "xla": xla}
+    if hopper:
+        impls["mosaic"] = flash("mosaic")
     if on_gpu:
-        def cudnn(q, k, v, pos):
-            G = q.shape[2] // k.shape[2]
-            return jax.nn.dot_product_attention(q, jnp.repeat(k, G, 2), jnp.repeat(v, G, 2), is_causal=True,
-                                                implementation="cudnn")
         impls["cudnn"] = cudnn
     return impls
 
@@ -124,10 +131,14 @@ def _matmul_rows(args, on_gpu: bool, dtype) -> list[dict]:
 
 
 def main() -> None:
-    on_gpu = jax.default_backend() == "gpu"
+    platform = jax.devices()[0].platform
+    on_gpu = platform in ("gpu", "cuda")
+    hopper = on_gpu and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 4096, 16384] if on_gpu else [64])
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128] if on_gpu else [32])
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128] if on_gpu else [64])
+    p.add_argument("--causal", choices=("yes", "no", "both"), default="both" if on_gpu else "yes")
+    p.add_argument("--impls", nargs="+", default=None, help="subset of mosaic triton cudnn xla")
     p.add_argument("--heads", type=int, default=16 if on_gpu else 2)
     p.add_argument("--kv-heads", type=int, default=16 if on_gpu else 2)
     p.add_argument("--tokens", type=int, default=16384 if on_gpu else 64, help="batch * seq per measurement")
@@ -144,35 +155,44 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/out/kernels.json")
     args = p.parse_args()
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    causal_opts = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     rows = []
     for T in args.seq if "flash" in args.sections else []:
         for D in args.head_dim:
-            B = max(1, args.tokens // T)
-            keys = jax.random.split(jax.random.key(0), 4)
-            q = jax.random.normal(keys[0], (B, T, args.heads, D), dtype)
-            k = jax.random.normal(keys[1], (B, T, args.kv_heads, D), dtype)
-            v = jax.random.normal(keys[2], (B, T, args.kv_heads, D), dtype)
-            pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-            flops_fwd = 4 * B * args.heads * T * T * D / 2  # causal
-            for name, fn in _impls(on_gpu).items():
-                fwd = jax.jit(fn)
-                grad = jax.jit(jax.grad(lambda q, k, v, pos, fn=fn: jnp.sum(fn(q, k, v, pos).astype(jnp.float32)), (0, 1, 2)))
-                try:
-                    t_f = _time(fwd, q, k, v, pos, iters=args.iters)
-                    t_fb = _time(grad, q, k, v, pos, iters=args.iters)
-                except Exception as e:  # a backend without cuDNN attention, say: report, keep going
-                    print(f"seq={T} d={D} {name}: failed: {str(e).splitlines()[0]}")
-                    continue
-                row = {"impl": name, "seq": T, "head_dim": D, "batch": B, "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
-                       "fwd_tflops": flops_fwd / t_f / 1e12, "fwd_bwd_tflops": 3.5 * flops_fwd / t_fb / 1e12}
-                rows.append(row)
-                print(f"seq={T:<6} d={D:<4} {name:<7} fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.2f} TFLOP/s   "
-                      f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.2f} TFLOP/s", flush=True)
+            for causal in causal_opts:
+                B = max(1, args.tokens // T)
+                keys = jax.random.split(jax.random.key(0), 4)
+                q = jax.random.normal(keys[0], (B, T, args.heads, D), dtype)
+                k = jax.random.normal(keys[1], (B, T, args.kv_heads, D), dtype)
+                v = jax.random.normal(keys[2], (B, T, args.kv_heads, D), dtype)
+                q_pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+                # not causal: every key at position 0 is visible to every query
+                kv_pos = q_pos if causal else jnp.zeros_like(q_pos)
+                flops_fwd = 4 * B * args.heads * T * T * D / (2 if causal else 1)
+                for name, fn in _impls(on_gpu, hopper, causal).items():
+                    if args.impls and name not in args.impls:
+                        continue
+                    fwd = jax.jit(fn)
+                    grad = jax.jit(jax.grad(
+                        lambda q, k, v, qp, kp, fn=fn: jnp.sum(fn(q, k, v, qp, kp).astype(jnp.float32)), (0, 1, 2)))
+                    try:
+                        t_f = _time(fwd, q, k, v, q_pos, kv_pos, iters=args.iters)
+                        t_fb = _time(grad, q, k, v, q_pos, kv_pos, iters=args.iters)
+                    except Exception as e:  # out of memory (xla at 16k), no cuDNN attention: report, go on
+                        print(f"seq={T} d={D} causal={causal} {name}: failed: {str(e).splitlines()[0]}")
+                        continue
+                    row = {"impl": name, "seq": T, "head_dim": D, "causal": causal, "batch": B,
+                           "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3, "fwd_tflops": flops_fwd / t_f / 1e12,
+                           "fwd_bwd_tflops": 3.5 * flops_fwd / t_fb / 1e12}
+                    rows.append(row)
+                    print(f"seq={T:<6} d={D:<4} causal={causal!s:<5} {name:<7} "
+                          f"fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.2f} TFLOP/s   "
+                          f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.2f} TFLOP/s", flush=True)
     decode_rows = _decode_rows(args, on_gpu, dtype) if "decode" in args.sections else []
     matmul_rows = _matmul_rows(args, on_gpu, dtype) if "matmul" in args.sections else []
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+    meta = {"device": jax.devices()[0].device_kind, "platform": platform, "jax": jax.__version__,
             "dtype": jnp.dtype(dtype).name, **vars(args)}
     out.write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode_rows, "matmul": matmul_rows}, indent=2))
     print(f"wrote {out}")

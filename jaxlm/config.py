@@ -42,7 +42,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # matmul inputs; softmax, norms and loss run in float32
     scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
     remat: str = "none"  # none | full | save_dots
-    attention_impl: str = "auto"  # auto | xla | pallas  (see pallas_kernels.dispatch)
+    attention_impl: str = "auto"  # auto | xla | pallas | cudnn  (see pallas_kernels.dispatch)
     matmul_impl: str = "auto"  # auto | xla | pallas  projections q/k/v/o, gate/up/down (pallas_kernels.dispatch)
     context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
     pipeline_microbatches: int = 4  # GPipe microbatches when mesh.stage > 1 (sharding.pipeline)
@@ -131,7 +131,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "save_dots"),
-    "model.attention_impl": ("auto", "xla", "pallas"),
+    "model.attention_impl": ("auto", "xla", "pallas", "cudnn"),
     "model.matmul_impl": ("auto", "xla", "pallas"),
     "model.context_impl": ("all_gather", "ring"),
 }

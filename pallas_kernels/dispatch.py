@@ -1,18 +1,50 @@
-"""Which attention implementation runs, decided in one table by (impl, platform).
+"""Which attention implementation runs, decided in one table by (impl, platform, compute capability).
 
-* ``xla``    - :func:`pallas_kernels.reference.attention_reference`, any platform.
-* ``pallas`` - :func:`pallas_kernels.flash_attention.flash_attention` (Triton); on CPU it runs
-  in the Pallas interpreter, for debugging. Under a mesh it runs per shard in ``shard_map``
-  (batch over the data axes, heads over ``tensor``), so it composes with every layout.
-* ``auto``   - the XLA path on every platform until the Pallas kernels have been timed and
-  verified on GPU hardware; on an accelerator this choice is announced once, never silent.
+Config ``model.attention_impl`` -> what runs (``resolve_attention_impl``):
+
+=========  ===========================  ==================================  ===========================
+impl       CPU                          NVIDIA Hopper (sm_90)               other NVIDIA GPUs
+=========  ===========================  ==================================  ===========================
+auto       ``xla``                      ``pallas_mosaic``                   ``pallas``
+pallas     ``pallas`` (interpreter)     ``pallas_mosaic``                   ``pallas``
+cudnn      ConfigError                  ``cudnn``                           ``cudnn``
+xla        ``xla``                      ``xla``                             ``xla``
+=========  ===========================  ==================================  ===========================
+
+Other platforms (TPU, ROCm): ``auto`` and ``xla`` run the XLA reference (announced once under
+``auto``); ``pallas`` and ``cudnn`` raise a one-line ConfigError.
+
+* ``xla``           :func:`pallas_kernels.reference.attention_reference`. On CPU this is the
+  fast path (the Pallas kernels only run interpreted there).
+* ``pallas``        :func:`pallas_kernels.flash_attention.flash_attention`, Triton forward and
+  backward; on CPU in the Pallas interpreter, for debugging.
+* ``pallas_mosaic`` the same function with ``backend="mosaic"``: the Mosaic GPU (wgmma + TMA +
+  warp-specialised) forward of :mod:`pallas_kernels.flash_attention_mosaic` with the Triton
+  backward. Chosen on Hopper because Pallas's Triton backend is deprecated from jax 0.11 and
+  Mosaic GPU is its Hopper successor; chosen only because its numerics (forward and the mixed
+  forward/backward gradients) are verified against the reference by the Mosaic GPU interpreter
+  and it cross-lowers for sm_90 (``MOSAIC_FORWARD_VERIFIED``). Inputs it cannot serve (segment
+  ids, float32, head_dim not 64/128) run the Triton kernel with a one-time warning. Not picked
+  on other GPUs: the kernel uses sm_90 wgmma instructions.
+* ``cudnn``         ``jax.nn.dot_product_attention(implementation="cudnn")``. It serves
+  self-attention over one call's tokens (``kv_positions is q_positions``: training and
+  cache-less prefill) as ``is_causal=True``, which equals masking by positions when positions
+  increase along the sequence within each segment (``arange``, or restarting per packed
+  document, as :mod:`jaxlm.data` produces them); segment ids become its boolean ``mask``
+  (materialised ``[B, 1, T, T]``). Position masks over a KV cache are not expressible with
+  ``is_causal`` and raise one line at dispatch instead of computing something else.
+
+The Pallas and cuDNN kernels run per shard under ``shard_map`` (batch over the data axes, heads
+over ``tensor``) when a mesh is active, so they compose with every layout. Device detection is
+``jax.devices()[0]``: its ``platform`` and, on NVIDIA GPUs, ``compute_capability``.
 
 Attention over a KV cache (prefill and decoding) has its own door, :func:`cached_attention`: with
 ``pallas``, calls of at most ``DECODE_MAX_QUERY_TOKENS`` tokens per sequence run the
 decode-attention kernel, longer ones the flash kernel; every other impl goes through
 :func:`attention` with the cache's positions.
 
-An impossible choice raises one line.
+With ``cudnn``, attention over a cache runs the Pallas path instead (announced once): cuDNN's
+``is_causal`` cannot express masks over a cache. An impossible choice raises one line.
 """
 
 from __future__ import annotations
@@ -27,43 +59,63 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
 
-ATTENTION_IMPLS = ("xla", "pallas")
-_AUTO = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
-_PALLAS_PLATFORMS = ("cpu", "gpu", "cuda")  # cpu = interpreter
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+# Set from the interpreter check in tests/test_flash_attention_mosaic.py (forward and gradient
+# against the reference). Flip to False to keep ``auto`` on the Triton kernel on Hopper.
+MOSAIC_FORWARD_VERIFIED = True
+_HOPPER = "9.0"
+_GPU_PLATFORMS = ("gpu", "cuda")
 
 
-def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
-    """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
+def device_info() -> tuple[str, str | None]:
+    """``(platform, compute_capability)`` of the default device, e.g. ``("gpu", "9.0")``."""
+    device = jax.devices()[0]
+    platform = "gpu" if device.platform in _GPU_PLATFORMS else device.platform
+    return platform, getattr(device, "compute_capability", None)
+
+
+def _pallas_for(platform: str, compute_capability: str | None) -> str:
+    hopper = platform == "gpu" and compute_capability == _HOPPER
+    return "pallas_mosaic" if hopper and MOSAIC_FORWARD_VERIFIED else "pallas"
+
+
+def resolve_attention_impl(impl: str, platform: str | None = None, compute_capability: str | None = None) -> str:
+    """Map a config value to what runs: ``xla`` | ``pallas`` | ``pallas_mosaic`` | ``cudnn``.
+
+    ``platform`` and ``compute_capability`` default to the default device's (:func:`device_info`);
+    pass them to ask about another machine (a pure function of its arguments then).
+    """
     from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
 
-    platform = platform or jax.default_backend()
-    if impl == "auto":
-        name = _AUTO.get(platform, "xla")
-        if platform != "cpu" and name == "xla":  # loud, never a silent slow path (shown once)
-            warnings.warn(
-                f"attention: using the XLA reference on {platform}; set model.attention_impl=pallas "
-                "for the Pallas flash-attention kernel"
-            )
-        return name
-    if impl not in ATTENTION_IMPLS:
+    if platform is None:
+        platform, compute_capability = device_info()
+    platform = "gpu" if platform in _GPU_PLATFORMS else platform
+    if impl not in ("auto", *ATTENTION_IMPLS):
         raise ConfigError(f"attention_impl '{impl}' is not available; choose one of auto, {', '.join(ATTENTION_IMPLS)}")
-    if impl == "pallas" and platform not in _PALLAS_PLATFORMS:
-        raise ConfigError(f"attention_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
-    return impl
+    if impl == "xla":
+        return "xla"
+    if impl == "auto":
+        if platform == "cpu":
+            return "xla"
+        if platform == "gpu":
+            return _pallas_for(platform, compute_capability)
+        warnings.warn(  # loud, never a silent slow path (shown once)
+            f"attention: using the XLA reference on {platform}; no Pallas kernel for this platform"
+        )
+        return "xla"
+    if impl == "pallas":
+        if platform not in ("cpu", "gpu"):
+            raise ConfigError(f"attention_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
+        return _pallas_for(platform, compute_capability)
+    if platform != "gpu":  # cudnn
+        raise ConfigError(f"attention_impl 'cudnn' needs an NVIDIA GPU (platform is '{platform}'); use 'xla', 'pallas' or 'auto'")
+    return "cudnn"
 
 
-def _pallas_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, interpret: bool):
+def _pallas(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, interpret: bool, backend: str):
     return flash_attention(
         q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-        q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg, interpret=interpret,
-    )
-
-
-def _pallas(q, k, v, q_pos, kv_pos, *segs, interpret: bool):
-    seg = segs[0] if segs else None
-    return flash_attention(
-        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-        q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, interpret=interpret,
+        q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg, interpret=interpret, backend=backend,
     )
 
 
@@ -71,6 +123,27 @@ def _xla(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
     return attention_reference(
         q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg,
     )
+
+
+def _cudnn(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
+    del q_pos, kv_pos, kv_seg  # self-attention with ordered positions: causal by index (see above)
+    mask = None if q_seg is None else (q_seg[:, None, :, None] == q_seg[:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def _local_kernel(name: str):
+    """The per-shard function for a resolved implementation name."""
+    if name == "xla":
+        return _xla
+    if name == "cudnn":
+        return _cudnn
+    backend = "mosaic" if name == "pallas_mosaic" else "triton"
+    return functools.partial(_pallas, interpret=jax.default_backend() == "cpu", backend=backend)
+
+
+@functools.cache
+def _announce(message: str) -> None:
+    warnings.warn(message)
 
 
 def attention(
@@ -83,29 +156,35 @@ def attention(
     mesh splits the sequence, self-attention goes through :func:`sharding.context.context_attention`
     (``context_impl``: ``all_gather`` runs the chosen kernel per shard, ``ring`` its own blocks).
     """
-    from sharding.context import context_attention, sequence_shards
+    return _attention(resolve_attention_impl(impl), q, k, v, q_positions, kv_positions, segment_ids, context_impl)
 
-    name = resolve_attention_impl(impl)
-    interpret = jax.default_backend() == "cpu"
-    if sequence_shards(jax.sharding.get_abstract_mesh()) > 1:
-        if q.shape[1] != k.shape[1]:
-            raise ValueError("context parallelism serves self-attention only; decode on a mesh with mesh.sequence=1")
-        local = _xla if name == "xla" else functools.partial(_pallas_local, interpret=interpret)
-        return context_attention(
-            q, k, v, positions_BxT=q_positions, segment_ids_BxT=segment_ids, local=local, impl=context_impl
-        )
-    if name == "xla":
-        return _xla(q, k, v, q_positions, kv_positions, segment_ids, segment_ids)
+
+def _attention(name, q, k, v, q_positions, kv_positions, segment_ids, context_impl="all_gather"):
+    from jaxlm.config import ConfigError
+    from sharding.context import context_attention, sequence_shards
     from sharding.rules import logical_spec, per_shard
 
-    fn = functools.partial(_pallas, interpret=interpret)
-    args = (q, k, v, q_positions, kv_positions) + (() if segment_ids is None else (segment_ids,))
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if name == "cudnn" and kv_positions is not q_positions:
+        raise ConfigError("attention_impl 'cudnn' cannot express position masks over a KV cache "
+                          "(decoding); use 'pallas' or 'xla' for generation")
+    if sequence_shards(mesh) > 1:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("context parallelism serves self-attention only; decode on a mesh with mesh.sequence=1")
+        if name == "cudnn":  # the gathered keys are not the queries' own tokens: is_causal cannot mask them
+            _announce("attention: cudnn cannot mask gathered keys under context parallelism; using the Pallas kernel")
+            name = "pallas"
+        return context_attention(
+            q, k, v, positions_BxT=q_positions, segment_ids_BxT=segment_ids, local=_local_kernel(name), impl=context_impl
+        )
+    fn = _local_kernel(name)
+    segs = () if segment_ids is None else (segment_ids, segment_ids)
+    args = (q, k, v, q_positions, kv_positions) + segs
+    if name == "xla" or mesh.empty or mesh.size == 1:  # XLA partitions the reference itself
         return fn(*args)
     heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
     tokens = logical_spec(("batch", "seq"))
-    specs = (heads, heads, heads, tokens, tokens) + (() if segment_ids is None else (tokens,))
+    specs = (heads, heads, heads, tokens, tokens) + ((tokens, tokens) if segs else ())
     return per_shard(fn, in_specs=specs, out_specs=heads)(*args)
 
 
@@ -126,10 +205,13 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, impl: str = "auto"):
     entries at indices ``<= q_positions[:, t]``.
     """
     name = resolve_attention_impl(impl)
-    if name != "pallas" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
+    if name == "cudnn":
+        _announce("attention: cudnn cannot mask a KV cache; prefill and decoding use the Pallas kernels")
+        name = "pallas"
+    if name == "xla" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
         S = k_cache.shape[1]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=q_positions.dtype), k_cache.shape[:2])
-        return attention(q, k_cache, v_cache, q_positions=q_positions, kv_positions=kv_pos, impl=name)
+        return _attention(name, q, k_cache, v_cache, q_positions, kv_pos, None)
     from sharding.rules import LOGICAL_RULES, logical_spec, mesh_axis_size, per_shard
 
     fn = functools.partial(_pallas_decode, interpret=jax.default_backend() == "cpu")

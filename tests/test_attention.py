@@ -60,6 +60,36 @@ def test_bf16_inputs_keep_float32_softmax():
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(
+    "impl, platform, cc, want",
+    [
+        ("auto", "cpu", None, "xla"),
+        ("auto", "gpu", "9.0", "pallas_mosaic"),  # Hopper: Mosaic GPU forward, Triton backward
+        ("auto", "cuda", "9.0", "pallas_mosaic"),
+        ("auto", "gpu", "8.0", "pallas"),  # Ampere: Triton
+        ("auto", "gpu", "10.0", "pallas"),  # Blackwell: no sm_90 wgmma kernel, Triton
+        ("pallas", "cpu", None, "pallas"),  # the interpreter
+        ("pallas", "gpu", "9.0", "pallas_mosaic"),
+        ("pallas", "gpu", "8.9", "pallas"),
+        ("cudnn", "gpu", "9.0", "cudnn"),
+        ("cudnn", "gpu", "8.0", "cudnn"),
+        ("xla", "gpu", "9.0", "xla"),
+        ("xla", "cpu", None, "xla"),
+    ],
+)
+def test_dispatch_table(impl, platform, cc, want):
+    assert resolve_attention_impl(impl, platform, cc) == want
+
+
+def test_dispatch_cudnn_on_cpu_is_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"^attention_impl 'cudnn' needs an NVIDIA GPU \(platform is 'cpu'\)[^\n]*$"):
+        resolve_attention_impl("cudnn", "cpu")
+    q = jnp.ones((1, 2, 2, 4))
+    pos = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU"):
+        attention(q, q, q, q_positions=pos, kv_positions=pos, impl="cudnn")  # this machine is a CPU
+
+
 def test_dispatch_rejects_unknown_impl():
     assert resolve_attention_impl("auto", "cpu") == "xla"
     assert resolve_attention_impl("pallas", "cpu") == "pallas"  # the interpreter
@@ -67,6 +97,5 @@ def test_dispatch_rejects_unknown_impl():
         resolve_attention_impl("pallas", "tpu")
     with pytest.raises(ConfigError, match="attention_impl 'flash' is not available"):
         resolve_attention_impl("flash", "cpu")
-    q = jnp.ones((1, 2, 2, 4))
-    with pytest.raises(ConfigError):
-        attention(q, q, q, q_positions=jnp.zeros((1, 2), jnp.int32), kv_positions=jnp.zeros((1, 2), jnp.int32), impl="cudnn")
+    with pytest.raises(ConfigError, match="attention_impl 'cudnn' needs an NVIDIA GPU"):
+        resolve_attention_impl("cudnn", "tpu")

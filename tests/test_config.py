@@ -40,6 +40,7 @@ def test_all_shipped_configs_load():
         (["mesh.stage=3"], "model.num_layers=2 is not divisible by mesh.stage=3"),
         (["model.pipeline_microbatches=0"], "config key 'model.pipeline_microbatches' must be positive"),
         (["model.context_impl=rings"], "config key 'model.context_impl' is 'rings'; choose one of all_gather, ring"),
+        (["model.attention_impl=flash"], "config key 'model.attention_impl' is 'flash'; choose one of auto, xla, pallas, cudnn"),
     ],
 )
 def test_bad_config_gives_one_line_error(overrides, fragment):
@@ -48,6 +49,11 @@ def test_bad_config_gives_one_line_error(overrides, fragment):
     message = str(e.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_attention_impl_choices_load():
+    for impl in ("auto", "xla", "pallas", "cudnn"):
+        assert tiny_config(f"model.attention_impl={impl}").model.attention_impl == impl
 
 
 def test_missing_and_malformed_files(tmp_path):
