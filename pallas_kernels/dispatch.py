@@ -242,7 +242,7 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, impl: str = "auto"):
 # * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere.
 
 MATMUL_IMPLS = ("xla", "pallas")
-_MATMUL_AUTO = {"gpu": "pallas", "cuda": "pallas"}
+_MATMUL_AUTO = {"gpu": "pallas"}
 
 # equation -> logical names of (activation, weight); activations are [batch, seq, ...], the
 # weight's leading dims contract the activation's trailing ones (the weight's embed dim is None:
@@ -259,20 +259,21 @@ def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
     """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
     from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
 
-    platform = platform or jax.default_backend()
+    platform = device_info()[0] if platform is None else platform
+    platform = "gpu" if platform in _GPU_PLATFORMS else platform
     if impl == "auto":
         return _MATMUL_AUTO.get(platform, "xla")
     if impl not in MATMUL_IMPLS:
         raise ConfigError(f"matmul_impl '{impl}' is not available; choose one of auto, {', '.join(MATMUL_IMPLS)}")
-    if impl == "pallas" and platform not in _PALLAS_PLATFORMS:
+    if impl == "pallas" and platform not in ("cpu", "gpu"):  # cpu: the interpreter
         raise ConfigError(f"matmul_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
     return impl
 
 
 def is_hopper() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+    platform, capability = device_info()
+    return platform == "gpu" and str(capability or "").startswith("9.")
 
 
 def _project_2d(x, w, *, interpret: bool):
