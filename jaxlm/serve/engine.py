@@ -192,6 +192,19 @@ class Engine:
         self._waiting.append(_Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock()))
         return rid
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a queued or running request (its pages freed); False if the engine does not hold it."""
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.allocator.free(seq.pages)
+                seq.pages, self._slots[seq.slot], seq.slot = [], None, -1
+                return True
+        return False
+
     # ---------------------------------------------------------------- state
     @property
     def running(self) -> list[_Sequence]:
