@@ -217,3 +217,12 @@ def test_engine_on_a_mesh_equals_one_device(model, prompts, reference, devices):
     outs = _run_staggered(e, _greedy(prompts), ARRIVALS)
     assert [o.token_ids for o in outs] == reference
     assert e.stats()["preemptions_total"] > 0
+
+
+def test_abort_frees_the_pages_of_a_running_request(engine, prompts):
+    a = engine.add_request(Request(prompts[3], max_tokens=12, temperature=0.0))
+    b = engine.add_request(Request(prompts[1], max_tokens=12, temperature=0.0))
+    engine.step()
+    assert engine.pages_in_use()[a] and engine.abort(a) and a not in engine.pages_in_use()
+    assert engine.abort(b) and not engine.abort(b) and not engine.has_work()
+    assert engine.allocator.num_used == 0
