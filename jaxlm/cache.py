@@ -1,4 +1,11 @@
-"""The KV cache: contiguous ``[layers, batch, max_len, kv_heads, head_dim]`` keys and values.
+"""The KV cache in two layouts the model serves through the same call (the cache's type decides).
+
+* :class:`KVCache` - contiguous ``[layers, batch, max_len, kv_heads, head_dim]`` keys and values.
+* :class:`PagedKVCache` - page pools ``[layers, num_pages, page_size, kv_heads, head_dim]`` shared
+  by all sequences, plus a page table ``[batch, pages_per_seq]`` per call: position ``p`` of row
+  ``b`` lives at ``pool[page_table[b, p // page_size], p % page_size]``. Pages are handed out by
+  the serving engine (:mod:`jaxlm.serve`); page 0 is its scratch page, where table entries of
+  unallocated pages point, so writes past a sequence's pages never touch another sequence.
 
 A sequence's token at position ``p`` lives at index ``p``. Each model call writes its tokens at
 ``positions[:, 0] ...`` (the tokens of one call are consecutive), so prefill and decode are the
@@ -28,6 +35,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k_LxBxSxKxD.shape[2]
 
+    def layer_stack(self) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+        """((k, v) stacked over layers, per-call extras every layer reads: none here)."""
+        return (self.k_LxBxSxKxD, self.v_LxBxSxKxD), ()
+
+    def with_layers(self, kv: tuple[jax.Array, jax.Array]) -> KVCache:
+        return KVCache(*kv)
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache in ``dtype`` (default: the compute dtype)."""
@@ -43,3 +57,60 @@ def write(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) 
         return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
 
     return jax.vmap(one)(cache_BxSxKxD, new_BxTxKxD, start_B)
+
+
+PAGED_CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # pages are shared: not split
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """Page pools ``[L, num_pages, page_size, K, D]`` and the page table ``[batch, pages_per_seq]`` int32."""
+
+    k_LxNxPxKxD: jax.Array
+    v_LxNxPxKxD: jax.Array
+    page_table_BxP: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.k_LxNxPxKxD.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.page_table_BxP.shape[1] * self.page_size
+
+    def layer_stack(self) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array]]:
+        """((k, v) pools stacked over layers, (page table,) shared by every layer)."""
+        return (self.k_LxNxPxKxD, self.v_LxNxPxKxD), (self.page_table_BxP,)
+
+    def with_layers(self, kv: tuple[jax.Array, jax.Array]) -> PagedKVCache:
+        return PagedKVCache(*kv, self.page_table_BxP)
+
+
+def init_paged_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """Empty k and v page pools ``[layers, num_pages, page_size, kv_heads, head_dim]``."""
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def write_paged(pool_NxPxKxD: jax.Array, new_BxTxKxD: jax.Array, positions_BxT: jax.Array, page_table_BxP: jax.Array) -> jax.Array:
+    """Write token ``(b, t)`` at position ``positions[b, t]`` through row ``b`` of the page table.
+
+    Positions past the table's capacity go to page 0 (the scratch page).
+    """
+    page_size = pool_NxPxKxD.shape[1]
+    B, T = positions_BxT.shape
+    slot_BxT = positions_BxT // page_size
+    inside = slot_BxT < page_table_BxP.shape[1]
+    page_BxT = jnp.take_along_axis(page_table_BxP, jnp.where(inside, slot_BxT, 0), axis=1)
+    page_BxT = jnp.where(inside, page_BxT, 0)
+    new = new_BxTxKxD.reshape(B * T, *new_BxTxKxD.shape[2:]).astype(pool_NxPxKxD.dtype)
+    return pool_NxPxKxD.at[page_BxT.reshape(-1), (positions_BxT % page_size).reshape(-1)].set(new)
+
+
+def update(cache_layer: jax.Array, new_BxTxKxD: jax.Array, positions_BxT: jax.Array, page_table_BxP: jax.Array | None) -> jax.Array:
+    """One layer's k or v cache with this call's tokens written (contiguous or paged)."""
+    if page_table_BxP is None:
+        return write(cache_layer, new_BxTxKxD, positions_BxT[:, 0])
+    return write_paged(cache_layer, new_BxTxKxD, positions_BxT, page_table_BxP)

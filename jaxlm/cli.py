@@ -2,6 +2,7 @@
 
     jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...]   # e.g. configs/layouts/fsdp_tp.yaml
     jaxlm generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N ...]
+    jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
     jaxlm rules            # print the logical -> mesh sharding table
 """
 
@@ -43,6 +44,29 @@ def _generate(args: argparse.Namespace) -> None:
         print(prompt + out)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import jaxlm
+    from jaxlm.data import eos_id
+    from jaxlm.serve import Engine
+    from jaxlm.serve.server import serve
+
+    model, cfg = jaxlm.restore(args.checkpoint, step=args.step)
+    tokenizer = jaxlm.load_tokenizer(cfg.data.tokenizer_path)
+    try:
+        engine = Engine(
+            model, num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
+            max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer, eos_id=eos_id(tokenizer),
+        )
+    except ValueError as e:
+        raise jaxlm.ConfigError(str(e)) from None
+    engine.warmup()
+
+    def ready(address):
+        print(f"serving {args.checkpoint} on http://{address[0]}:{address[1]}", flush=True)
+
+    serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready)
+
+
 def _rules(_: argparse.Namespace) -> None:
     from sharding.rules import describe_rules
 
@@ -66,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", dest="top_p", type=float)
     g.add_argument("--seed", type=int)
     g.set_defaults(fn=_generate)
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /metrics")
+    s.add_argument("checkpoint", help="run directory written by `jaxlm train`")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    s.add_argument("--num-pages", dest="num_pages", type=int, default=1024, help="KV-cache pages in the pool")
+    s.add_argument("--page-size", dest="page_size", type=int, default=16, help="tokens per page (a power of two >= 16)")
+    s.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-context", dest="max_context", type=int, default=512, help="prompt + max_tokens limit")
+    s.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=64, help="prompt tokens per step")
+    s.add_argument("--model-name", dest="model_name", default=None, help="name reported in responses")
+    s.set_defaults(fn=_serve)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
     return parser

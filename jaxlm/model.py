@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.cache import KVCache, write
+from jaxlm.cache import KVCache, PagedKVCache, update
 from jaxlm.config import ModelConfig
 from pallas_kernels import attention, cached_attention
 from pallas_kernels.dispatch import gated_mlp_hidden, projection
@@ -88,10 +88,10 @@ class Attention(nnx.Module):
                 impl=cfg.attention_impl, context_impl=cfg.context_impl,
             )
         else:  # prefill / decode: write into the cache, attend over all of it (masked by position)
-            k_cache, v_cache = kv
-            start = positions_BxT[:, 0]
-            kv = (write(k_cache, k, start), write(v_cache, v, start))
-            out = cached_attention(q, *kv, q_positions=positions_BxT, impl=cfg.attention_impl)
+            k_cache, v_cache, *table = kv  # a paged layer also carries the page table
+            page_table = table[0] if table else None
+            kv = (update(k_cache, k, positions_BxT, page_table), update(v_cache, v, positions_BxT, page_table))
+            out = cached_attention(q, *kv, q_positions=positions_BxT, page_table=page_table, impl=cfg.attention_impl)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
         return projection("bthd,hde->bte", out, self.wo[...].astype(dt), impl=mm), kv
 
@@ -149,9 +149,9 @@ class Transformer(nnx.Module):
         self,
         tokens_BxT: jax.Array,
         positions_BxT: jax.Array,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         segment_ids_BxT: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
         """Logits ``[batch, seq, vocab]`` (float32) and the updated cache (None when none given)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
@@ -166,18 +166,24 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        kv_stack = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
+        kv_stack, kv_extra = (None, ()) if cache is None else cache.layer_stack()
+
+        def with_extra(kv):  # a layer's (k, v) plus what every layer shares (a paged cache's table)
+            return None if kv is None else (*kv, *kv_extra)
+
         if cache is None and num_stages(jax.sharding.get_abstract_mesh()) > 1:
             x = pipeline_layers(
                 lambda x, p, a: layer(x, p, a, None)[0], x, stacked, aux, microbatches=cfg.pipeline_microbatches
             )
         elif cfg.scan_layers:
-            x, kv_stack = jax.lax.scan(lambda x, pkv: layer(x, pkv[0], aux, pkv[1]), x, (stacked, kv_stack))
+            x, kv_stack = jax.lax.scan(
+                lambda x, pkv: layer(x, pkv[0], aux, with_extra(pkv[1])), x, (stacked, kv_stack)
+            )
         else:
             outs = []
             for i in range(cfg.num_layers):
                 params_i, kv_i = jax.tree.map(lambda a: a[i], (stacked, kv_stack))
-                x, kv_i = layer(x, params_i, aux, kv_i)
+                x, kv_i = layer(x, params_i, aux, with_extra(kv_i))
                 outs.append(kv_i)
             kv_stack = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
@@ -185,5 +191,5 @@ class Transformer(nnx.Module):
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        new_cache = None if cache is None else KVCache(*kv_stack)
+        new_cache = None if cache is None else cache.with_layers(kv_stack)
         return logits, new_cache

@@ -41,7 +41,8 @@ over ``tensor``) when a mesh is active, so they compose with every layout. Devic
 Attention over a KV cache (prefill and decoding) has its own door, :func:`cached_attention`: with
 ``pallas``, calls of at most ``DECODE_MAX_QUERY_TOKENS`` tokens per sequence run the
 decode-attention kernel, longer ones the flash kernel; every other impl goes through
-:func:`attention` with the cache's positions.
+:func:`attention` with the cache's positions. A paged cache (page pools and a page table) takes
+the same door: the decode kernel reads the pages in place, the other paths gather them first.
 
 With ``cudnn``, attention over a cache runs the Pallas path instead (announced once): cuDNN's
 ``is_causal`` cannot express masks over a cache. An impossible choice raises one line.
@@ -191,39 +192,53 @@ def _attention(name, q, k, v, q_positions, kv_positions, segment_ids, context_im
 DECODE_MAX_QUERY_TOKENS = 16  # new tokens per sequence up to which the decode kernel runs
 
 
-def _pallas_decode(q, k_cache, v_cache, q_pos, *, interpret: bool):
+def _pallas_decode(q, k_cache, v_cache, q_pos, page_table=None, *, interpret: bool):
     # the tokens of one call are consecutive, so the last one's position + 1 is the length
-    return decode_attention(q, k_cache, v_cache, q_pos[:, -1] + 1, interpret=interpret)
+    return decode_attention(q, k_cache, v_cache, q_pos[:, -1] + 1, page_table_BxP=page_table, interpret=interpret)
 
 
-def cached_attention(q, k_cache, v_cache, *, q_positions, impl: str = "auto"):
+def _gather_pages(pool_NxPxKxD, page_table_BxP):
+    """Page pool -> each row's logical cache ``[batch, pages_per_seq * page_size, K, D]``."""
+    B, P = page_table_BxP.shape
+    return pool_NxPxKxD[page_table_BxP].reshape(B, P * pool_NxPxKxD.shape[1], *pool_NxPxKxD.shape[2:])
+
+
+def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl: str = "auto"):
     """The model's door to attention over a KV cache: ``[batch, T, heads, head_dim]`` in q's dtype.
 
     ``k_cache``/``v_cache``: ``[batch, max_len, kv_heads, head_dim]`` holding the token at
     position ``p`` at index ``p`` (this call's tokens already written, see :mod:`jaxlm.cache`);
     ``q_positions``: ``[batch, T]``, consecutive within each row. Query ``t`` sees the cache
-    entries at indices ``<= q_positions[:, t]``.
+    entries at indices ``<= q_positions[:, t]``. With ``page_table`` (int32 ``[batch, pages_per_seq]``)
+    the caches are page pools ``[num_pages, page_size, kv_heads, head_dim]`` read through it: the
+    decode kernel reads pages in place; the other paths gather each row's pages first.
     """
     name = resolve_attention_impl(impl)
     if name == "cudnn":
         _announce("attention: cudnn cannot mask a KV cache; prefill and decoding use the Pallas kernels")
         name = "pallas"
     if name == "xla" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
+        if page_table is not None:
+            k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
         S = k_cache.shape[1]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=q_positions.dtype), k_cache.shape[:2])
         return _attention(name, q, k_cache, v_cache, q_positions, kv_pos, None)
     from sharding.rules import LOGICAL_RULES, logical_spec, mesh_axis_size, per_shard
 
     fn = functools.partial(_pallas_decode, interpret=jax.default_backend() == "cpu")
-    args = (q, k_cache, v_cache, q_positions)
+    args = (q, k_cache, v_cache, q_positions) + (() if page_table is None else (page_table,))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(*args)
+    heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
+    tokens = logical_spec(("batch", "seq"))
+    if page_table is not None:  # every shard holds the whole pool (its kv heads) and its rows' tables
+        pool = logical_spec((None, None, "kv_heads", "head_dim"))
+        table = logical_spec(("batch", None))
+        return per_shard(fn, in_specs=(heads, pool, pool, tokens, table), out_specs=heads)(*args)
     if mesh_axis_size(mesh, LOGICAL_RULES["cache_seq"]) > 1:
         raise ValueError("the decode kernel needs each sequence's whole cache on one device; map 'cache_seq' to no mesh axis")
-    heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
     cache = logical_spec(("batch", "cache_seq", "kv_heads", "head_dim"))
-    tokens = logical_spec(("batch", "seq"))
     return per_shard(fn, in_specs=(heads, cache, cache, tokens), out_specs=heads)(*args)
 
 

@@ -1,0 +1,377 @@
+"""The serving engine: continuous batching over a paged KV cache.
+
+Each :meth:`Engine.step` admits waiting requests into free batch slots, runs one prefill chunk
+for up to ``prefill_batch`` sequences still reading their prompt, and one decode token for every
+sequence that has read it; then finished sequences leave and free their pages. Both run the
+model's ordinary ``model(tokens, positions, cache)`` with a :class:`jaxlm.cache.PagedKVCache`,
+compiled once each: the prefill program on ``[prefill_batch, prefill_chunk]`` tokens, the decode
+program on ``[max_batch, 1]`` (empty rows point at the scratch page), so no request recompiles.
+
+Pages are taken as sequences grow. When too few are free, the most recently admitted sequence
+is preempted: its pages are freed and it goes back to the front of the queue, to be computed
+again (prompt and the tokens it generated so far) once pages free up. Sampling draws token
+``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs, so its output
+does not depend on what else is in the batch, nor on preemption.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import secrets
+import time
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
+from jaxlm.generate import model_mesh, sample_logits
+from jaxlm.model import Transformer
+from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
+from jaxlm.serve.metrics import EngineMetrics
+from jaxlm.serve.request import Output, Request, RequestError
+from sharding.mesh import fold_sequence_axis
+from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+def _forward_and_sample(graphdef, state, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP, last_B,
+                        seeds_B, counters_B, temperature_B, top_k_B, top_p_B):
+    """One model call over the paged cache, then each row samples from its token ``last_B``.
+
+    Returns (next token ids ``[B]`` int32, k pool, v pool).
+    """
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens_BxT, positions_BxT, PagedKVCache(k_pool, v_pool, page_table_BxP))
+    last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counters_B)
+    one = lambda lg, key, t, k, p: sample_logits(lg[None], key, t, k, p)[0]  # noqa: E731
+    next_B = jax.vmap(one)(last_BxV, keys, temperature_B, top_k_B, top_p_B)
+    k, v = cache.layer_stack()[0]
+    return next_B, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step produced for one request: its new tokens, and its output once finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    output: Output | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    request: Request
+    request_id: str
+    prompt_ids: list[int]
+    tokens: list[int]  # prompt + generated
+    seed: int
+    arrival: float
+    num_cached: int = 0  # tokens whose keys/values are in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    admitted: int = -1  # admission order: higher is more recent
+    slot: int = -1  # row in the decode batch; -1 while waiting
+    preemptions: int = 0
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def remaining(self) -> int:  # tokens still to feed; 1 means decoding
+        return len(self.tokens) - self.num_cached
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Engine:
+    """Continuous batching for one model over a pool of ``num_pages`` KV pages of ``page_size`` tokens.
+
+    ``max_context``: tokens a request may hold (prompt + max_tokens), rounded up to whole pages.
+    ``max_batch``: sequences in the running batch. ``prefill_chunk``: prompt tokens one sequence
+    feeds per step; ``prefill_batch``: sequences prefilled per step (both rounded up to fit the
+    mesh's data-parallel axes). ``tokenizer`` lets requests carry text; ``eos_id`` ends a sequence.
+    Runs on ``mesh``, by default the mesh the model's parameters live on.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        num_pages: int,
+        page_size: int = 16,
+        max_batch: int = 8,
+        max_context: int = 512,
+        prefill_chunk: int = 64,
+        prefill_batch: int = 1,
+        tokenizer=None,
+        eos_id: int | None = None,
+        mesh: Mesh | None = None,
+        clock=time.perf_counter,
+    ):
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 16 (the decode kernel's tile), got {page_size}")
+        for name, value in (("max_batch", max_batch), ("max_context", max_context), ("prefill_chunk", prefill_chunk),
+                            ("prefill_batch", prefill_batch)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        mesh = model_mesh(model) if mesh is None else mesh
+        if mesh is not None and fold_sequence_axis(mesh) is not mesh:  # decoding cannot split the sequence
+            mesh = fold_sequence_axis(mesh)
+            graphdef, state = nnx.split(model)
+            state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+            model = nnx.merge(graphdef, state)
+        self.mesh = mesh
+        rows = 1 if mesh is None else mesh_axis_size(mesh, LOGICAL_RULES["batch"])
+        self.cfg = model.cfg
+        self.page_size = page_size
+        self.pages_per_seq = -(-max_context // page_size)
+        self.max_context = self.pages_per_seq * page_size
+        self.max_batch = _round_up(max_batch, rows)
+        self.prefill_chunk = prefill_chunk
+        self.prefill_batch = _round_up(prefill_batch, rows)
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.allocator = PageAllocator(num_pages)
+        self.metrics = EngineMetrics(clock)
+        self._clock = clock
+        self._graphdef, self._state = nnx.split(model)
+        k, v = init_paged_pools(model.cfg, num_pages, page_size)
+        if mesh is not None:
+            sharding = NamedSharding(mesh, logical_spec(PAGED_CACHE_AXES))
+            k, v = jax.device_put(k, sharding), jax.device_put(v, sharding)
+        self._k_pool, self._v_pool = k, v
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._slots: list[_Sequence | None] = [None] * self.max_batch
+        self._admissions = itertools.count()
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- requests in
+    def check(self, request: Request) -> list[int]:
+        """The request's prompt ids, or :class:`RequestError` saying why it cannot be served."""
+        request.validate()
+        if isinstance(request.prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: send the prompt as token ids")
+            ids = self.tokenizer.encode(request.prompt).ids
+            if not ids:
+                raise RequestError("the prompt encodes to no tokens")
+        else:
+            ids = [int(t) for t in request.prompt]
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if request.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this engine has none")
+        total = len(ids) + request.max_tokens
+        if total > self.max_context:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) = {total} exceeds the context of "
+                f"{self.max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+        if -(-total // self.page_size) > self.allocator.capacity:
+            raise RequestError(f"the request needs more KV pages than the engine has ({self.allocator.capacity})")
+        return ids
+
+    def add_request(self, request: Request) -> str:
+        """Queue a request (checked first, see :meth:`check`); returns its id."""
+        ids = self.check(request)
+        rid = request.request_id or f"req-{next(self._ids)}"
+        seed = request.seed if request.seed is not None else secrets.randbits(31)
+        self._waiting.append(_Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock()))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a queued or running request (its pages freed); False if the engine does not hold it."""
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.allocator.free(seq.pages)
+                seq.pages, self._slots[seq.slot], seq.slot = [], None, -1
+                return True
+        return False
+
+    # ---------------------------------------------------------------- state
+    @property
+    def running(self) -> list[_Sequence]:
+        return sorted((s for s in self._slots if s is not None), key=lambda s: s.admitted)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or any(s is not None for s in self._slots)
+
+    def pages_in_use(self) -> dict[str, list[int]]:
+        """Each running request's pages (for checks and debugging)."""
+        return {s.request_id: list(s.pages) for s in self.running}
+
+    def stats(self) -> dict[str, float]:
+        """Metrics snapshot plus the gauges: KV-cache use, running batch, queue length."""
+        used, total = self.allocator.num_used, self.allocator.capacity
+        return {
+            "kv_cache_usage_ratio": used / total, "kv_cache_pages_used": used, "kv_cache_pages_total": total,
+            "running_requests": sum(s is not None for s in self._slots), "waiting_requests": len(self._waiting),
+            **self.metrics.snapshot(),
+        }
+
+    def compiled_programs(self) -> int:
+        """How many programs the step function has compiled (stays 2 once warm: prefill, decode)."""
+        return _forward_and_sample._cache_size()
+
+    # ---------------------------------------------------------------- scheduling
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def _admit(self) -> None:
+        while self._waiting and None in self._slots:
+            seq = self._waiting[0]
+            if self._pages_for(min(len(seq.tokens), self.prefill_chunk)) > self.allocator.num_free:
+                break
+            self._waiting.popleft()
+            seq.admitted, seq.slot = next(self._admissions), self._slots.index(None)
+            self._slots[seq.slot] = seq
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self.allocator.free(seq.pages)
+        self.metrics.record_preemption(seq.num_cached)
+        seq.pages, seq.num_cached, seq.preemptions = [], 0, seq.preemptions + 1
+        self._slots[seq.slot], seq.slot = None, -1
+        self._waiting.appendleft(seq)
+
+    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        """(sequences to prefill a chunk of, sequences to decode), their pages taken."""
+        running = self.running
+        prefill = [s for s in running if s.remaining > 1][: self.prefill_batch]
+        decode = [s for s in running if s.remaining == 1]
+        for seq in sorted(prefill + decode, key=lambda s: s.admitted):  # oldest first: the newest yield
+            if seq.slot < 0:
+                continue  # preempted for an older one
+            fed = min(seq.remaining, self.prefill_chunk)
+            need = self._pages_for(seq.num_cached + fed) - len(seq.pages)
+            while need > self.allocator.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.pages += self.allocator.allocate(max(need, 0))
+        return [s for s in prefill if s.slot >= 0], [s for s in decode if s.slot >= 0]
+
+    # ---------------------------------------------------------------- running
+    def _call(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> np.ndarray:
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
+        table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
+        last = np.zeros((rows,), np.int32)
+        seeds, counters, top_k = (np.zeros((rows,), np.int32) for _ in range(3))
+        temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
+        for i, seq in enumerate(seqs):
+            r, n, start = row_of(i, seq), min(seq.remaining, width), seq.num_cached
+            tokens[r, :n] = seq.tokens[start:start + n]
+            positions[r] += start
+            table[r, : len(seq.pages)] = seq.pages
+            last[r] = n - 1
+            seeds[r], counters[r] = seq.seed, len(seq.generated)
+            q = seq.request
+            temperature[r], top_k[r], top_p[r] = q.temperature, q.top_k, q.top_p
+        args = (self._graphdef, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
+            tokens, positions, table, last, seeds, counters, temperature, top_k, top_p)))
+        if self.mesh is None:
+            out, self._k_pool, self._v_pool = _forward_and_sample(*args)
+        else:
+            with jax.set_mesh(self.mesh):
+                out, self._k_pool, self._v_pool = _forward_and_sample(*args)
+        return np.asarray(jax.device_get(out))
+
+    def warmup(self) -> None:
+        """Compile the prefill and decode programs (their rows all point at the scratch page)."""
+        self._call([], self.prefill_batch, self.prefill_chunk, None)
+        self._call([], self.max_batch, 1, None)
+
+    def step(self) -> list[Event]:
+        """Admit, prefill one chunk, decode one token; returns what each touched request produced."""
+        self._admit()
+        prefill, decode = self._schedule()
+        events = []
+        for seqs, rows, width, row_of in (
+            (prefill, self.prefill_batch, self.prefill_chunk, lambda i, s: i),
+            (decode, self.max_batch, 1, lambda i, s: s.slot),
+        ):
+            if not seqs:
+                continue
+            fed = [min(s.remaining, width) for s in seqs]
+            next_tokens = self._call(seqs, rows, width, row_of)
+            (self.metrics.record_prefill if width > 1 else self.metrics.record_decode)(sum(fed))
+            now = self._clock()
+            for i, (seq, n) in enumerate(zip(seqs, fed)):
+                seq.num_cached += n
+                if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
+                    events.append(self._append(seq, int(next_tokens[row_of(i, seq)]), now))
+        return events
+
+    def _append(self, seq: _Sequence, token: int, now: float) -> Event:
+        seq.tokens.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = now - seq.arrival
+            self.metrics.record_first_token(seq.first_token_s)
+        else:
+            self.metrics.record_inter_token(now - seq.last_token_s)
+        seq.last_token_s = now
+        reason = None
+        if token == self.eos_id:
+            reason = "stop"
+        elif seq.request.stop and any(s in self._text(seq, cut=False) for s in seq.request.stop):
+            reason = "stop"
+        elif len(seq.generated) >= seq.request.max_tokens:
+            reason = "length"
+        if reason is None:
+            return Event(seq.request_id, [token])
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        self._slots[seq.slot], seq.slot = None, -1
+        self.metrics.record_finished()
+        out = Output(
+            seq.request_id, seq.prompt_ids, seq.generated, self._text(seq), reason, seq.preemptions, seq.first_token_s
+        )
+        return Event(seq.request_id, [token], out)
+
+    def _text(self, seq: _Sequence, cut: bool = True) -> str | None:
+        """The generated text without end-of-sequence, cut before the first stop string."""
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode([t for t in seq.generated if t != self.eos_id])
+        cuts = [text.find(s) for s in seq.request.stop if s in text] if cut else []
+        return text[: min(cuts)] if cuts else text
+
+    # ---------------------------------------------------------------- convenience loops
+    def stream(self, requests: Iterable[Request]) -> Iterator[tuple[str, list[int]]]:
+        """Queue the requests, then step until all work is done, yielding (request id, new token ids)."""
+        for r in requests:
+            self.add_request(r)
+        while self.has_work():
+            for e in self.step():
+                yield e.request_id, e.new_token_ids
+
+    def generate(self, requests: Sequence[Request]) -> list[Output]:
+        """Run the requests to completion; their outputs in the order given."""
+        ids = [self.add_request(r) for r in requests]
+        done: dict[str, Output] = {}
+        while self.has_work():
+            done.update((e.request_id, e.output) for e in self.step() if e.output is not None)
+        return [done[i] for i in ids]

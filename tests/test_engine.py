@@ -1,0 +1,228 @@
+"""Serving engine: paged cache == contiguous cache, a busy engine == standalone generation, preemption."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.build import build_model, state_shardings
+from jaxlm.cache import PagedKVCache, init_cache, init_paged_pools
+from jaxlm.config import DecodeConfig, MeshConfig
+from jaxlm.data import eos_id, load_tokenizer
+from jaxlm.generate import generate_tokens
+from jaxlm.serve import Engine, OutOfPages, PageAllocator, Request, RequestError
+from sharding.mesh import make_mesh
+from tests.conftest import tiny_config
+
+PAGE = 16
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(tiny_config("model.init_std=0.2").model, seed=5)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    lengths = [1, 5, 17, 38, 9, 26]
+    return [rng.integers(0, 4096, n).tolist() for n in lengths]
+
+
+MAX_TOKENS = [12, 7, 10, 12, 3, 9]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """Standalone greedy generation of each prompt alone (a prefix of MAX_NEW tokens)."""
+    greedy = DecodeConfig(max_new_tokens=MAX_NEW, temperature=0.0)
+    return [generate_tokens(model, [p], greedy)[0][:m] for p, m in zip(prompts, MAX_TOKENS)]
+
+
+def _check_pages(engine):
+    owned = [p for pages in engine.pages_in_use().values() for p in pages]
+    assert len(owned) == len(set(owned)) == engine.allocator.num_used
+    assert 0 not in owned  # the scratch page is never handed out
+    for seq in engine.running:
+        assert len(seq.pages) * PAGE >= seq.num_cached
+
+
+def _run_staggered(engine, requests, arrivals):
+    """Add request i before step ``arrivals[i]``; step until done, checking pages after every step."""
+    outputs, streamed, step = {}, {}, 0
+    pending = sorted(zip(arrivals, range(len(requests))))
+    ids = {}
+    while pending or engine.has_work():
+        while pending and pending[0][0] <= step:
+            i = pending.pop(0)[1]
+            ids[i] = engine.add_request(requests[i])
+        for e in engine.step():
+            streamed.setdefault(e.request_id, []).extend(e.new_token_ids)
+            if e.output is not None:
+                outputs[e.request_id] = e.output
+        _check_pages(engine)
+        step += 1
+    assert engine.allocator.num_used == 0
+    for rid, out in outputs.items():
+        assert streamed[rid] == out.token_ids
+    return [outputs[ids[i]] for i in range(len(requests))]
+
+
+def test_allocator_never_hands_out_a_page_twice():
+    rng = np.random.default_rng(0)
+    alloc = PageAllocator(20)
+    held: list[list[int]] = []
+    for _ in range(500):
+        if held and rng.random() < 0.45:
+            alloc.free(held.pop(int(rng.integers(len(held)))))
+        else:
+            n = int(rng.integers(0, 6))
+            free_before = alloc.num_free
+            try:
+                pages = alloc.allocate(n)
+            except OutOfPages:
+                assert n > free_before and alloc.num_free == free_before
+                continue
+            taken = {p for h in held for p in h}
+            assert len(set(pages)) == n and not taken & set(pages) and 0 not in pages
+            held.append(pages)
+        assert alloc.num_used + alloc.num_free == alloc.capacity == 19
+    for pages in held:
+        alloc.free(pages)
+    assert alloc.num_free == 19
+    pages = alloc.allocate(2)
+    alloc.free(pages)
+    for bad in (pages[:1], [0]):  # a double free, the scratch page
+        with pytest.raises(ValueError, match="not in use"):
+            alloc.free(bad)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_paged_cache_equals_contiguous(model, impl):
+    cfg = model.cfg
+    paged_model = nnx.merge(nnx.graphdef(build_model(dataclasses.replace(cfg, attention_impl=impl))), nnx.state(model))
+    B, T, P = 2, 20, 3
+    rng = np.random.default_rng(2)
+    table = jnp.asarray(rng.permutation(np.arange(1, 10))[: B * P].reshape(B, P), jnp.int32)
+    contiguous = init_cache(cfg, B, P * PAGE)
+    k, v = init_paged_pools(cfg, 10, PAGE)
+    k = jax.random.normal(jax.random.key(0), k.shape)  # stale pool contents must never be read
+    v = jax.random.normal(jax.random.key(1), v.shape)
+    paged = PagedKVCache(k, v, table)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    call = jax.jit(lambda m, t, p, c: m(t, p, c))
+    for step in range(4):  # a prefill, then single tokens
+        want, contiguous = call(model, tokens, positions, contiguous)
+        got, paged = call(paged_model, tokens, positions, paged)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 if impl == "pallas" else 1e-5, rtol=1e-5)
+        tokens = jnp.argmax(want[:, -1:], axis=-1).astype(jnp.int32)
+        positions = positions[:, -1:] + 1
+    assert isinstance(paged, PagedKVCache) and np.array_equal(paged.page_table_BxP, table)
+    untouched = np.setdiff1d(np.arange(10), np.asarray(table))  # pages outside the table keep their contents
+    np.testing.assert_array_equal(np.asarray(paged.k_LxNxPxKxD)[:, untouched], np.asarray(k)[:, untouched])
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2)
+    e.warmup()
+    return e
+
+
+@pytest.fixture(scope="module")
+def small_engine(model):
+    """A pool of 6 usable pages (96 tokens) for requests of up to 50: preemption must happen."""
+    e = Engine(model, num_pages=7, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2)
+    e.warmup()
+    return e
+
+
+def _greedy(prompts):
+    return [Request(p, max_tokens=m, temperature=0.0) for p, m in zip(prompts, MAX_TOKENS)]
+
+
+ARRIVALS = [0, 0, 2, 3, 3, 7]
+
+
+def test_busy_engine_greedy_equals_standalone(engine, prompts, reference):
+    programs = engine.compiled_programs()
+    outs = _run_staggered(engine, _greedy(prompts), ARRIVALS)
+    assert [o.token_ids for o in outs] == reference
+    assert [o.finish_reason for o in outs] == ["length"] * len(outs)
+    assert engine.stats()["preemptions_total"] == 0
+    assert engine.compiled_programs() == programs  # fixed shapes: no compilation per request
+
+
+def test_preemption_recomputes_and_changes_nothing(small_engine, prompts, reference):
+    before = small_engine.stats()
+    outs = _run_staggered(small_engine, _greedy(prompts), ARRIVALS)
+    assert [o.token_ids for o in outs] == reference
+    after = small_engine.stats()
+    assert after["preemptions_total"] > before["preemptions_total"]
+    assert after["recomputed_tokens_total"] > before["recomputed_tokens_total"]
+    assert sum(o.preemptions for o in outs) == after["preemptions_total"] - before["preemptions_total"]
+
+
+def test_seeded_sampling_ignores_batch_company(engine, small_engine, prompts):
+    probe = Request(prompts[2], max_tokens=10, temperature=1.5, top_k=200, top_p=0.95, seed=7)
+    alone = engine.generate([probe])[0].token_ids
+    company = [Request(p, max_tokens=m, temperature=1.0, seed=i) for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    crowded = _run_staggered(engine, [company[0], company[3], probe, company[5]], [0, 0, 2, 2])[2].token_ids
+    squeezed = _run_staggered(small_engine, [company[3], company[1], probe, company[2]], [0, 0, 1, 1])[2].token_ids
+    assert alone == crowded == squeezed
+    other = engine.generate([dataclasses.replace(probe, seed=8)])[0].token_ids
+    assert other != alone  # the seed does matter
+
+
+def test_eos_and_stop_strings_end_a_request(model, engine, prompts, reference):
+    eos = reference[3][4]
+    e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2,
+               eos_id=eos)
+    out = e.generate([Request(prompts[3], max_tokens=12, temperature=0.0)])[0]
+    assert out.token_ids == reference[3][: reference[3].index(eos) + 1] and out.finish_reason == "stop"
+
+    tok = load_tokenizer()
+    e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2,
+               tokenizer=tok, eos_id=eos_id(tok))
+    full = e.generate([Request("ROMEO:", max_tokens=12, temperature=0.0)])[0]
+    assert full.text == tok.decode(full.token_ids) and full.finish_reason == "length"
+    stop = full.text[len(full.text) // 2:][:2]
+    cut = e.generate([Request("ROMEO:", max_tokens=12, temperature=0.0, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+
+
+def test_bad_requests_are_refused_with_one_line(engine):
+    with pytest.raises(RequestError, match="exceeds the context of 64 tokens"):
+        engine.check(Request(list(range(60)), max_tokens=8))
+    with pytest.raises(RequestError, match="max_tokens must be a positive integer"):
+        engine.check(Request([1, 2], max_tokens=-1))
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.check(Request([1, 99999]))
+    with pytest.raises(RequestError, match="no tokenizer"):
+        engine.check(Request("text"))
+    assert not engine.has_work()
+
+
+def test_engine_on_a_mesh_equals_one_device(model, prompts, reference, devices):
+    mesh = make_mesh(MeshConfig(data=2, tensor=2), devices[:4])
+    sharded = nnx.merge(nnx.graphdef(model), jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh)))
+    e = Engine(sharded, num_pages=7, page_size=PAGE, max_batch=3, max_context=64, prefill_chunk=16)
+    assert e.max_batch == 4 and e.prefill_batch == 2  # rounded up to the data axis
+    outs = _run_staggered(e, _greedy(prompts), ARRIVALS)
+    assert [o.token_ids for o in outs] == reference
+    assert e.stats()["preemptions_total"] > 0
+
+
+def test_abort_frees_the_pages_of_a_running_request(engine, prompts):
+    a = engine.add_request(Request(prompts[3], max_tokens=12, temperature=0.0))
+    b = engine.add_request(Request(prompts[1], max_tokens=12, temperature=0.0))
+    engine.step()
+    assert engine.pages_in_use()[a] and engine.abort(a) and a not in engine.pages_in_use()
+    assert engine.abort(b) and not engine.abort(b) and not engine.has_work()
+    assert engine.allocator.num_used == 0
