@@ -31,7 +31,7 @@ demo-real: $(STAMP)
 	rm -rf runs/smollm2
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm convert $(SMOLLM2) runs/smollm2
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm generate --checkpoint runs/smollm2 --chat \
-		--prompt "What is the capital of France?" --prompt "Give me three tips for learning to cook." \
+		--prompt "What is the capital of France?" --prompt "Write a short poem about the sea." \
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
 
