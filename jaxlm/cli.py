@@ -3,6 +3,8 @@
     jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...]   # e.g. configs/layouts/fsdp_tp.yaml
     jaxlm generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N ...]
     jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
+    jaxlm generate --checkpoint DIR --chat --prompt TEXT          # instruct models: the model's chat template
+    jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
     jaxlm rules            # print the logical -> mesh sharding table
 """
 
@@ -38,6 +40,15 @@ def _generate(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cfg.decode)} and v is not None}
     decode = dataclasses.replace(cfg.decode, **overrides)
     cfg = jaxlm.config.validate(cfg.replace(decode=decode))
+    if args.chat:
+        from jaxlm.interop.chat import chat
+
+        if not cfg.data.tokenizer_path:
+            raise jaxlm.ConfigError("--chat needs the model's own tokenizer; convert the model with `jaxlm convert`")
+        for prompt, out in zip(args.prompt, chat(model, args.prompt, cfg.decode, tokenizer_path=cfg.data.tokenizer_path)):
+            print(f"--- user: {prompt}")
+            print(out)
+        return
     outs = jaxlm.generate(model, args.prompt, cfg.decode, tokenizer=jaxlm.load_tokenizer(cfg.data.tokenizer_path))
     for prompt, out in zip(args.prompt, outs):
         print(f"--- prompt: {prompt!r}")
@@ -67,6 +78,12 @@ def _serve(args: argparse.Namespace) -> None:
     serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from jaxlm.interop.convert import convert
+
+    print(convert(args.src, args.dst, dtype=args.dtype))
+
+
 def _rules(_: argparse.Namespace) -> None:
     from sharding.rules import describe_rules
 
@@ -89,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", dest="top_k", type=int)
     g.add_argument("--top-p", dest="top_p", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
     g.set_defaults(fn=_generate)
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /metrics")
     s.add_argument("checkpoint", help="run directory written by `jaxlm train`")
@@ -102,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=64, help="prompt tokens per step")
     s.add_argument("--model-name", dest="model_name", default=None, help="name reported in responses")
     s.set_defaults(fn=_serve)
+    c = sub.add_parser("convert", help="Hugging Face dir or .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir")
+    c.add_argument("src", help="Hugging Face model directory, .gguf file, or jaxlm checkpoint directory")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype written")
+    c.set_defaults(fn=_convert)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
     return parser

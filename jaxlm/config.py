@@ -35,6 +35,12 @@ class ModelConfig:
     head_dim: int = 32
     mlp_dim: int = 768
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1 frequency rescaling, below)
+    rope_factor: float = 8.0  # llama3: long wavelengths are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the pretraining context length
+    qkv_bias: bool = False  # learned biases on the q/k/v projections (Qwen2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -134,6 +140,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ("auto", "xla", "pallas", "cudnn"),
     "model.matmul_impl": ("auto", "xla", "pallas"),
     "model.context_impl": ("all_gather", "ring"),
+    "model.rope_scaling": ("none", "llama3"),
 }
 
 
@@ -214,6 +221,14 @@ def validate(cfg: Config) -> Config:
     for name in positive:
         if getattr(m, name) <= 0:
             raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
+    if m.rope_scaling == "llama3" and not (
+        m.rope_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0
+    ):
+        raise ConfigError(
+            "model.rope_scaling=llama3 needs rope_factor > 0, 0 < rope_low_freq_factor < rope_high_freq_factor "
+            f"and rope_original_max_len > 0, got {m.rope_factor}, {m.rope_low_freq_factor}, "
+            f"{m.rope_high_freq_factor}, {m.rope_original_max_len}"
+        )
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "

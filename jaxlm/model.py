@@ -13,6 +13,7 @@ softmax and the logits are computed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -48,10 +49,31 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)[None, None, :]).astype(x_BxTxE.dtype)
 
 
-def rope_angles(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies ``[head_dim // 2]`` float32, rescaled as Llama 3.1 does when configured."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(
+            inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        )
+    return inv_freq
+
+
+def llama3_inv_freq(inv_freq: jax.Array, factor: float, low: float, high: float, original_max_len: int) -> jax.Array:
+    """Llama 3.1 scaling: long wavelengths divided by ``factor``, short kept, a smooth blend between."""
+    low_freq_wavelen, high_freq_wavelen = original_max_len / low, original_max_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_angles(positions_BxT: jax.Array, inv_freq_F: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sin, cos) of shape ``[batch, seq, head_dim // 2]``, float32."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    angles = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq_F[None, None, :]
     return jnp.sin(angles), jnp.cos(angles)
 
 
@@ -72,6 +94,10 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std, pd)
         self.wv = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), std, pd)
         self.wo = _param(rngs, (H, D, E), ("heads", "head_dim", "embed"), std / (2 * cfg.num_layers) ** 0.5, pd)
+        if cfg.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((H, D), jnp.dtype(pd)), out_sharding=("heads", "head_dim"))
+            self.bk = nnx.Param(jnp.zeros((K, D), jnp.dtype(pd)), out_sharding=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(jnp.zeros((K, D), jnp.dtype(pd)), out_sharding=("kv_heads", "head_dim"))
         self.cfg = cfg
 
     def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
@@ -80,6 +106,8 @@ class Attention(nnx.Module):
         q = projection("bte,ehd->bthd", x_BxTxE, self.wq[...].astype(dt), impl=mm)
         k = projection("bte,ehd->bthd", x_BxTxE, self.wk[...].astype(dt), impl=mm)
         v = projection("bte,ehd->bthd", x_BxTxE, self.wv[...].astype(dt), impl=mm)
+        if cfg.qkv_bias:
+            q, k, v = (a + b[...].astype(dt)[None, None] for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         if kv is None:  # training: keys are this call's tokens
@@ -156,7 +184,7 @@ class Transformer(nnx.Module):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        sin, cos = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
+        sin, cos = rope_angles(positions_BxT, rope_inv_freq(cfg))
 
         graphdef, stacked = nnx.split(self.blocks)
         aux = (sin, cos, positions_BxT, segment_ids_BxT)  # per-row inputs every layer needs

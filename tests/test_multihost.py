@@ -213,7 +213,7 @@ def test_two_processes_train_like_one(two_process_run, one_process_reference):
     ref_losses = [h["loss"] for h in ref.history]
     assert len(ref_losses) == 3
     for r in reports:
-        assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+        assert r["mesh"] == {"stage": 1, "data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
         assert r["process_of_device"] == [[0, 0], [1, 1]]  # fsdp crosses the processes
         np.testing.assert_allclose(r["losses"], ref_losses, rtol=2e-5)
     assert reports[0]["losses"] == reports[1]["losses"]
@@ -231,6 +231,22 @@ def test_checkpoint_from_two_processes_restores_in_one(two_process_run, one_proc
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_four_processes_with_data_and_fsdp_across_them_train_like_one(devices):
+    """4 processes x 2 devices, mesh data=2 x fsdp=4: both data-parallel axes cross processes."""
+    overrides = ["train.steps=3", "train.warmup_steps=1", "train.progress=false", "train.eval_batches=1",
+                 "mesh.data=2", "mesh.fsdp=4"]
+    reports = [json.loads(out.strip().splitlines()[-1])
+               for _, out, _ in run_processes(TRAIN_SNIPPET.format(overrides=overrides), n=4, timeout=240)]
+    cfg = tiny_config(*overrides)
+    ref = [h["loss"] for h in jaxlm_train(cfg, make_mesh(cfg.mesh, devices)).history]
+    for r in reports:
+        assert r["mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+        np.testing.assert_allclose(r["losses"], ref, rtol=2e-5)
+    # each process's two devices sit side by side on fsdp; processes tile data x fsdp
+    assert sorted({tuple(row) for r in reports for row in r["process_of_device"]}) == [(0, 0), (1, 1), (2, 2), (3, 3)]
 
 
 COLLECTIVE_LOOP = """

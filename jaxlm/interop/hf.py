@@ -1,0 +1,189 @@
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2): ``config.json`` + safetensors in and out.
+
+    model, cfg = from_hf("path/to/hf_dir", mesh=mesh)        # parameters born sharded on ``mesh``
+    to_hf(model, cfg, "path/to/out_dir")                     # config.json + model.safetensors
+
+Loading memory-maps the safetensors files (one file or a sharded ``model.safetensors.index.json``)
+and reads, for every device, only the rows of each tensor its shard covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import shutil
+import warnings
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read BF16 tensors)
+import numpy as np
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, validate
+from jaxlm.interop.layout import build_state, to_hf_tensors
+from jaxlm.model import Transformer
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either the transformers 5 (``rope_parameters``) or 4 (``rope_scaling``) form."""
+    params = dict(hf.get("rope_scaling") or {})
+    params.update(hf.get("rope_parameters") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if rope_type == "llama3":
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_len=int(params["original_max_position_embeddings"]),
+        )
+    elif rope_type not in ("default", None):
+        raise ConfigError(f"RoPE type '{rope_type}' is not supported; jaxlm supports default and llama3 RoPE")
+    return out
+
+
+def model_config_from_hf(hf: dict[str, Any], *, tie_default: bool, dtype: str = "float32") -> ModelConfig:
+    """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict (Llama, Mistral or Qwen2)."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ConfigError(f"model_type '{kind}' is not supported; jaxlm reads {', '.join(SUPPORTED)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act '{hf['hidden_act']}' is not supported; jaxlm's MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported; jaxlm's MLP has no biases")
+    if kind != "qwen2" and hf.get("attention_bias"):
+        raise ConfigError("attention_bias=true (biases on q/k/v and o) is not supported; only Qwen2's q/k/v biases are")
+    window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
+    if window:
+        warnings.warn(
+            f"{kind} sliding_window={window} is not implemented: jaxlm attends over the full context, "
+            f"which matches the checkpoint only for sequences up to {window} tokens",
+            stacklevel=3,
+        )
+    heads = int(hf["num_attention_heads"])
+    tie = hf.get("tie_word_embeddings")
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        embed_dim=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        mlp_dim=int(hf["intermediate_size"]),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=tie_default if tie is None else bool(tie),
+        qkv_bias=kind == "qwen2",
+        param_dtype=dtype,
+        compute_dtype=dtype,
+        **_rope_fields(hf),
+    )
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` dict for ``cfg`` (Qwen2 when it has q/k/v biases, else Llama)."""
+    kind = "qwen2" if cfg.qkv_bias else "llama"
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_len,
+        )
+    out = {
+        "architectures": [SUPPORTED[kind]],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope,
+        "torch_dtype": cfg.param_dtype,
+    }
+    if kind == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> the safetensors file holding it (single file or sharded index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ConfigError(f"'{path}' has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(str(single), framework="numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def _mesh_config(mesh: Mesh | None) -> MeshConfig:
+    if mesh is None:
+        return MeshConfig(fsdp=1)
+    shape = dict(mesh.shape)
+    return MeshConfig(**{k: int(shape.get(k, 1)) for k in ("stage", "data", "fsdp", "sequence", "tensor")})
+
+
+def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = "float32") -> tuple[Transformer, Config]:
+    """Load a Hugging Face Llama/Mistral/Qwen2 directory. Returns ``(model, config)``.
+
+    ``dtype`` is both the parameter and the compute dtype (``float32`` or ``bfloat16``). The
+    config's ``data.tokenizer_path`` points at the directory's ``tokenizer.json`` when it has one.
+    """
+    path = pathlib.Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"'{path}' has no config.json; point to a Hugging Face model directory")
+    files = _tensor_files(path)
+    hf = json.loads((path / "config.json").read_text())
+    model_cfg = model_config_from_hf(hf, tie_default="lm_head.weight" not in files, dtype=dtype)
+    tokenizer = path / "tokenizer.json"
+    cfg = validate(Config(
+        model=model_cfg, mesh=_mesh_config(mesh),
+        data=DataConfig(tokenizer_path=str(tokenizer.absolute()) if tokenizer.is_file() else ""),
+    ))
+    with contextlib.ExitStack() as stack:
+        handles: dict[pathlib.Path, Any] = {}
+
+        def read(name: str, slices: tuple[slice, ...]) -> np.ndarray:
+            if name not in files:
+                raise ConfigError(f"tensor '{name}' is missing from the checkpoint in '{path}'")
+            file = files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+            return handles[file].get_slice(name)[slices]
+
+        model = build_state(model_cfg, read, mesh)
+    return model, cfg
+
+
+def to_hf(model: Transformer, cfg: Config, out_dir: str | pathlib.Path, *, dtype: str | None = None) -> pathlib.Path:
+    """Write ``config.json`` + ``model.safetensors`` (and the tokenizer, when ``cfg`` names one).
+
+    ``dtype`` (``float32``/``bfloat16``) defaults to the model's parameter dtype.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.dtype(dtype or cfg.model.param_dtype)
+    tensors = dict(to_hf_tensors(model, cfg.model, np_dtype))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = hf_config_from_model(cfg.model)
+    hf["torch_dtype"] = np_dtype.name
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if cfg.data.tokenizer_path:
+        src = pathlib.Path(cfg.data.tokenizer_path).parent
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
+                shutil.copyfile(src / name, out / name)
+    return out
