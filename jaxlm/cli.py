@@ -63,10 +63,17 @@ def _serve(args: argparse.Namespace) -> None:
 
     model, cfg = jaxlm.restore(args.checkpoint, step=args.step)
     tokenizer = jaxlm.load_tokenizer(cfg.data.tokenizer_path)
+    stop_id, render_chat = eos_id(tokenizer), None
+    if cfg.data.tokenizer_path:  # an instruct model converted with its chat template: use it
+        from jaxlm.interop.chat import chat_renderer
+
+        template = chat_renderer(cfg.data.tokenizer_path, tokenizer)
+        if template is not None:
+            render_chat, stop_id = template
     try:
         engine = Engine(
             model, num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
-            max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer, eos_id=eos_id(tokenizer),
+            max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer, eos_id=stop_id,
         )
     except ValueError as e:
         raise jaxlm.ConfigError(str(e)) from None
@@ -75,7 +82,7 @@ def _serve(args: argparse.Namespace) -> None:
     def ready(address):
         print(f"serving {args.checkpoint} on http://{address[0]}:{address[1]}", flush=True)
 
-    serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready)
+    serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready, render_chat=render_chat)
 
 
 def _convert(args: argparse.Namespace) -> None:

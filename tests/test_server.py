@@ -170,3 +170,25 @@ def test_load_from_another_process_then_metrics(server):
                  "prefill_tokens_per_second", "decode_tokens_per_second"):
         assert f"jaxlm_{name}" in values
     assert proc.poll() is None
+
+
+def test_chat_messages_use_the_models_template_when_it_has_one(tmp_path):
+    from tokenizers import AddedToken
+
+    from jaxlm.data import load_tokenizer
+    from jaxlm.interop.chat import chat_renderer
+    from jaxlm.serve.server import _chat_prompt
+
+    tok = load_tokenizer()
+    assert chat_renderer(tmp_path / "tokenizer.json", tok) is None  # no template beside it: plain lines
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
+    render, end_of_turn = chat_renderer(tmp_path / "tokenizer.json", tok)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert _chat_prompt(messages, render) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert end_of_turn == tok.token_to_id("<|im_end|>")
+    assert _chat_prompt(messages) == "system: Be brief.\nuser: Hi\nassistant:"

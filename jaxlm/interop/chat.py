@@ -74,6 +74,16 @@ def end_of_turn_id(template: str, tokenizer: Tokenizer, config: dict[str, Any]) 
     return tokenizer.token_to_id(eos)
 
 
+def chat_renderer(tokenizer_path: str | pathlib.Path, tokenizer: Tokenizer):
+    """``(render(messages) -> prompt text, end-of-turn id)`` for a model with a chat template, else None."""
+    try:
+        template, config = load_chat_template(tokenizer_path)
+    except ConfigError:
+        return None
+    special = _special(config)
+    return (lambda messages: render_chat(template, messages, **special)), end_of_turn_id(template, tokenizer, config)
+
+
 def chat(
     model: Transformer,
     prompts: Sequence[str | Sequence[Message]],

@@ -8,8 +8,9 @@
 ``"stream": true`` answers with server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``).
 One engine thread (:class:`EngineLoop`) runs the scheduler; HTTP threads enqueue their request
 and wait for its events. A malformed request gets a 400 with ``{"error": {"message": ...}}``.
-Chat messages are joined as ``role: content`` lines followed by ``assistant:`` (the models here
-have no chat template of their own).
+Chat messages are rendered with the model's own chat template when its tokenizer folder carries
+one (converted instruct models, see :mod:`jaxlm.interop.chat`); otherwise they are joined as
+``role: content`` lines followed by ``assistant:``.
 """
 
 from __future__ import annotations
@@ -114,8 +115,11 @@ class _BadRequest(Exception):
     pass
 
 
-def _parse(path: str, body: bytes) -> tuple[dict[str, Any], Request]:
-    """The request body's fields and the engine request they describe, or :class:`_BadRequest`."""
+def _parse(path: str, body: bytes, render_chat=None) -> tuple[dict[str, Any], Request]:
+    """The request body's fields and the engine request they describe, or :class:`_BadRequest`.
+
+    ``render_chat(messages) -> prompt text`` is the model's chat template, if it has one.
+    """
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -133,7 +137,7 @@ def _parse(path: str, body: bytes) -> tuple[dict[str, Any], Request]:
     stop = get["stop"]
     stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     if path == "/v1/chat/completions":
-        prompt = _chat_prompt(get["messages"])
+        prompt = _chat_prompt(get["messages"], render_chat)
     else:
         prompt = get["prompt"]
         if prompt is None:
@@ -145,7 +149,7 @@ def _parse(path: str, body: bytes) -> tuple[dict[str, Any], Request]:
     return get, request
 
 
-def _chat_prompt(messages: Any) -> str:
+def _chat_prompt(messages: Any, render_chat=None) -> str:
     if not messages:
         raise _BadRequest("field 'messages' is required: a non-empty list of {\"role\", \"content\"} objects")
     lines = []
@@ -155,7 +159,7 @@ def _chat_prompt(messages: Any) -> str:
         if m["role"] not in ("system", "user", "assistant"):
             raise _BadRequest(f"message role must be system, user or assistant, got {json.dumps(m['role'])}")
         lines.append(f"{m['role']}: {m['content']}\n")
-    return "".join(lines) + "assistant:"
+    return render_chat(messages) if render_chat is not None else "".join(lines) + "assistant:"
 
 
 class _TextStream:
@@ -178,7 +182,7 @@ class _TextStream:
         return delta
 
 
-def make_handler(loop: EngineLoop, model_name: str):
+def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
     engine = loop.engine
 
     class Handler(BaseHTTPRequestHandler):
@@ -213,7 +217,7 @@ def make_handler(loop: EngineLoop, model_name: str):
                 return self._error(404, f"no route POST {self.path}; try /v1/completions or /v1/chat/completions")
             try:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fields, request = _parse(self.path, body)
+                fields, request = _parse(self.path, body, render_chat)
                 engine.check(request)
             except (_BadRequest, RequestError, ValueError) as e:
                 return self._error(400, str(e))
@@ -292,10 +296,12 @@ def make_handler(loop: EngineLoop, model_name: str):
     return Handler
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxlm", ready=None) -> None:
+def serve(
+    engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxlm", ready=None, render_chat=None
+) -> None:
     """Serve until interrupted. ``ready(address)`` is called once the socket listens."""
     loop = EngineLoop(engine).start()
-    server = ThreadingHTTPServer((host, port), make_handler(loop, model_name))
+    server = ThreadingHTTPServer((host, port), make_handler(loop, model_name, render_chat))
     server.daemon_threads = True
     if ready is not None:
         ready(server.server_address)
