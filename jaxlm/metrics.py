@@ -1,0 +1,90 @@
+"""Training metrics: model FLOPs and MFU, device memory, and where they are written.
+
+MFU is model FLOPs (from the config, :func:`model_flops_per_token`) per second over the peak dense
+FLOP/s of the devices in use (:data:`PEAK_FLOPS`, looked up from ``device_kind``). Devices not in
+the table (CPUs, unknown accelerators) report no MFU rather than a made-up one.
+
+:class:`MetricsLog` writes one JSON object per step to ``metrics.jsonl`` and the same scalars
+to TensorBoard event files, from process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping
+
+import jax
+
+from jaxlm.config import ModelConfig
+
+# Peak dense tensor-core FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float8": 1979e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float8": 1979e12, "float32": 67e12},  # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Peak dense FLOP/s of one device of ``device_kind`` for matmuls in ``dtype`` (None: unknown)."""
+    for name, peaks in PEAK_FLOPS.items():  # H200 before H100: "NVIDIA H200" contains neither twice
+        if name in device_kind.upper():
+            return peaks.get(dtype)
+    return None
+
+
+def count_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, parameters outside the embedding table) of the model ``cfg`` describes."""
+    E, L, H, K, D, F, V = (cfg.embed_dim, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.mlp_dim, cfg.vocab_size)
+    attn = E * H * D + 2 * E * K * D + H * D * E + (H * D + 2 * K * D if cfg.qkv_bias else 0)
+    block = attn + 3 * E * F + 2 * E
+    body = L * block + E + (0 if cfg.tie_embeddings else E * V)
+    return body + V * E, body
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N`` for the matmuls (N without the embedding lookup, with the
+    output head) plus ``12 L H D T / 2`` for causal attention scores and values (forward + backward)."""
+    _, body = count_params(cfg)
+    head = 0 if not cfg.tie_embeddings else cfg.embed_dim * cfg.vocab_size  # tied head still multiplies
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len / 2
+    return 6 * (body + head) + attention
+
+
+def device_memory_in_use() -> int | None:
+    """Bytes in use on the first local device, where the backend reports it (not on CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("bytes_in_use", 0))
+
+
+class MetricsLog:
+    """Per-step scalars to ``DIR/metrics.jsonl`` and TensorBoard event files in ``DIR/tensorboard``.
+
+    A no-op unless ``directory`` is set and this is process 0.
+    """
+
+    def __init__(self, directory: str | pathlib.Path | None):
+        self.enabled = bool(directory) and jax.process_index() == 0
+        self._jsonl = self._tb = None
+        if self.enabled:
+            path = pathlib.Path(directory)
+            path.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(path / "metrics.jsonl", "a")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(path / "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

@@ -1,0 +1,78 @@
+"""Metrics: parameter counts match the model, FLOPs and peaks, and the written logs read back."""
+
+import json
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm.build import abstract_model
+from jaxlm.metrics import MetricsLog, count_params, model_flops_per_token, peak_flops
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.tie_embeddings=false",), ("model.qkv_bias=true", "model.num_layers=3")])
+def test_param_count_matches_the_model(overrides):
+    cfg = tiny_config(*overrides).model
+    _, abstract = abstract_model(cfg)
+    actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    total, body = count_params(cfg)
+    assert total == actual
+    assert total - body == cfg.vocab_size * cfg.embed_dim
+
+
+def test_flops_per_token_by_hand():
+    cfg = tiny_config("model.tie_embeddings=false").model
+    E, L, H, K, D, F, V = 64, 2, 4, 2, 16, 192, 4096
+    per_layer = E * H * D + 2 * E * K * D + H * D * E + 3 * E * F + 2 * E
+    n = L * per_layer + E + E * V  # untied head counted, embedding lookup not
+    assert model_flops_per_token(cfg, 64) == 6 * n + 12 * L * H * D * 64 / 2
+
+
+def test_peak_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert peak_flops("NVIDIA H200", "float8") == 1979e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "float8") is None
+    assert peak_flops("cpu", "bfloat16") is None
+
+
+def _tensorboard_scalars(directory):
+    """Parse TFRecord event files by hand: {tag: [(step, value)]}."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            record = data[i + 12 : i + 12 + length]
+            i += 12 + length + 4
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
+    log = MetricsLog(tmp_path)
+    rng = np.random.default_rng(0)
+    written = [{"loss": float(rng.uniform(1, 5)), "tokens_per_s": float(rng.uniform(100, 200))} for _ in range(3)]
+    for step, values in enumerate(written, start=1):
+        log.write(step, {**values, "step": step})
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": s, **v} for s, v in enumerate(written, start=1)]
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    for name in ("loss", "tokens_per_s"):
+        got = scalars[f"train/{name}"]
+        assert [s for s, _ in got] == [1, 2, 3]
+        np.testing.assert_allclose([v for _, v in got], [w[name] for w in written], rtol=1e-6)
+
+
+def test_metrics_log_without_a_directory_writes_nothing(tmp_path):
+    log = MetricsLog(None)
+    log.write(1, {"loss": 1.0})
+    log.close()
+    assert not log.enabled
