@@ -3,6 +3,7 @@
     jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...]   # e.g. configs/layouts/fsdp_tp.yaml
     jaxlm generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N ...]
     jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
+    jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm rules            # print the logical -> mesh sharding table
 """
 
@@ -67,6 +68,13 @@ def _serve(args: argparse.Namespace) -> None:
     serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready)
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+    from jaxlm.prepare import prepare_data
+
+    meta = prepare_data(args.inputs, args.out, tokenizer_path=args.tokenizer, text_field=args.text_field)
+    print(f"{args.out}: {meta['num_tokens']} tokens ({meta['dtype']}) in {meta['num_docs']} documents")
+
+
 def _rules(_: argparse.Namespace) -> None:
     from sharding.rules import describe_rules
 
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=64, help="prompt tokens per step")
     s.add_argument("--model-name", dest="model_name", default=None, help="name reported in responses")
     s.set_defaults(fn=_serve)
+    p = sub.add_parser("prepare-data", help="tokenize .txt/.jsonl files into a directory for data.path")
+    p.add_argument("inputs", nargs="+", help=".txt files (one document each) and .jsonl files (one document per line)")
+    p.add_argument("--out", required=True, help="directory to create (an existing one is refused)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the embedded tokenizer)")
+    p.add_argument("--text-field", dest="text_field", default="text", help="JSONL field holding the text")
+    p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
     return parser
