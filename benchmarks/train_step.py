@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxlm.build import build_model
 from jaxlm.config import MeshConfig, load_config
-from jaxlm.data import to_global_batch
+from jaxlm.data import PackedLoader, TokenStream, to_global_batch
 from jaxlm.train import Trainer
 from sharding.mesh import make_mesh
 
@@ -29,8 +29,9 @@ def bench_one(cfg, mesh, steps: int) -> dict:
     trainer = Trainer(cfg, mesh)
     state = trainer.init_state(nnx.state(build_model(cfg.model, mesh)))
     rng = np.random.default_rng(0)
-    windows = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1)).astype(np.int32)
-    batch = to_global_batch(windows, mesh)
+    tokens = rng.integers(0, cfg.model.vocab_size, cfg.train.batch_size * cfg.data.seq_len + 1).astype(np.int32)
+    loader = PackedLoader(TokenStream(tokens, np.zeros(1, np.int64)), cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    batch = to_global_batch(loader.batch(0), mesh)
     t0 = time.perf_counter()
     compiled = trainer.lower_step(state, batch).compile()
     compile_s = time.perf_counter() - t0

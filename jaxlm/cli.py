@@ -5,6 +5,7 @@
     jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
     jaxlm generate --checkpoint DIR --chat --prompt TEXT          # instruct models: the model's chat template
     jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
+    jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm rules            # print the logical -> mesh sharding table
 """
 
@@ -91,6 +92,13 @@ def _convert(args: argparse.Namespace) -> None:
     print(convert(args.src, args.dst, dtype=args.dtype))
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+    from jaxlm.prepare import prepare_data
+
+    meta = prepare_data(args.inputs, args.out, tokenizer_path=args.tokenizer, text_field=args.text_field)
+    print(f"{args.out}: {meta['num_tokens']} tokens ({meta['dtype']}) in {meta['num_docs']} documents")
+
+
 def _rules(_: argparse.Namespace) -> None:
     from sharding.rules import describe_rules
 
@@ -132,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype written")
     c.set_defaults(fn=_convert)
+    p = sub.add_parser("prepare-data", help="tokenize .txt/.jsonl files into a directory for data.path")
+    p.add_argument("inputs", nargs="+", help=".txt files (one document each) and .jsonl files (one document per line)")
+    p.add_argument("--out", required=True, help="directory to create (an existing one is refused)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the embedded tokenizer)")
+    p.add_argument("--text-field", dest="text_field", default="text", help="JSONL field holding the text")
+    p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
     return parser

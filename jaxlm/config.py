@@ -69,7 +69,8 @@ class MeshConfig:
 class DataConfig:
     """Where the tokens come from. Empty paths mean the corpus and tokenizer shipped in jaxlm."""
 
-    text_path: str = ""
+    path: str = ""  # a directory written by `jaxlm prepare-data` (memory-mapped); empty: text_path
+    text_path: str = ""  # one UTF-8 file tokenized in memory as one document; empty: embedded corpus
     tokenizer_path: str = ""
     seq_len: int = 128
     val_fraction: float = 0.05
@@ -272,6 +273,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"config key 'data.seq_len' must be at least 2, got {cfg.data.seq_len}")
+    if cfg.data.path and cfg.data.text_path:
+        raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.checkpoint.save_every <= 0 or cfg.checkpoint.keep <= 0:

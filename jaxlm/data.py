@@ -1,16 +1,34 @@
-"""Text -> tokens -> deterministic, resumable batches of next-token windows.
+"""Tokens -> deterministic, resumable, packed batches, placed on the mesh shard by shard.
 
-The corpus is split once into train and validation token streams (the last ``val_fraction`` of
-the text is held out). Training cuts the train stream into non-overlapping windows of
-``seq_len + 1`` tokens and visits them in a fresh permutation every epoch, drawn from
-``(seed, epoch)``. The whole order is a pure function of the batch index, so the data position
-saved in a checkpoint is one integer: the number of batches consumed.
+One loader for every corpus. A :class:`TokenStream` is a flat array of token ids with the start
+offset of every document in it: a prepared directory (``jaxlm prepare-data``, memory-mapped) or
+the embedded corpus (or ``data.text_path``) tokenized in memory as one document. The stream is
+split once into train and validation streams (the last ``val_fraction`` of the *tokens* is held
+out; a document straddling the split point continues as the first document of the validation
+stream).
+
+:class:`PackedLoader` cuts a stream into rows of ``seq_len + 1`` tokens with stride ``seq_len``
+and visits them in a fresh permutation every epoch, drawn from ``(seed, epoch)``. Global batch
+``i`` is a pure function of ``(seed, i)``, so the data position saved in a checkpoint is one
+integer: the number of batches consumed. Rows pack documents back to back; every row carries
+
+* ``segment_ids``  - 0 at the row start, +1 at every document start inside the row; attention
+  is masked by them, so packed documents never see each other (present only when the stream
+  has more than one document: otherwise every row is one segment and the key is left out);
+* ``positions``    - restart at 0 at the row start and at every document start;
+* ``loss_mask``    - 0 where the target token starts a different document than its input token
+  (nothing learns to predict across a document boundary), else 1.
+
+:func:`to_global_batch` places a batch on the mesh computing only the rows the calling
+process's devices hold, reading only their tokens from the memory map.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
+import json
 import pathlib
 
 import jax
@@ -23,18 +41,29 @@ from sharding.context import load_balance_order, sequence_shards
 from sharding.rules import logical_sharding
 
 EOS_TOKEN = "<|endoftext|>"
+FORMAT_VERSION = 1  # of a prepared directory: tokens.bin, docs.npy, meta.json
 
 
 def _asset(name: str) -> pathlib.Path:
     return pathlib.Path(str(importlib.resources.files("jaxlm.assets") / name))
 
 
-def load_tokenizer(path: str = "") -> Tokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer; the embedded byte-level BPE when ``path`` is empty."""
+def tokenizer_file(path: str = "") -> pathlib.Path:
+    """The tokenizer JSON file: ``path``, or the embedded byte-level BPE when empty."""
     p = pathlib.Path(path) if path else _asset("tokenizer.json")
     if not p.is_file():
         raise ConfigError(f"tokenizer file '{p}' does not exist; set data.tokenizer_path to a tokenizer.json")
-    return Tokenizer.from_file(str(p))
+    return p
+
+
+def tokenizer_hash(path: str = "") -> str:
+    """sha256 of the tokenizer's JSON file (identifies the token ids a prepared directory holds)."""
+    return hashlib.sha256(tokenizer_file(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(path: str = "") -> Tokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer; the embedded byte-level BPE when ``path`` is empty."""
+    return Tokenizer.from_file(str(tokenizer_file(path)))
 
 
 def eos_id(tokenizer: Tokenizer) -> int | None:
@@ -50,65 +79,193 @@ def load_text(path: str = "") -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """Documents back to back: ``tokens [n]`` (uint16/uint32/int32, possibly a memory map) and
+    ``doc_starts [d]`` int64, ascending, the offset of every document start (``doc_starts[0] == 0``)."""
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_starts)
+
+    def split_at(self, n: int) -> tuple["TokenStream", "TokenStream"]:
+        """Tokens ``[:n]`` and ``[n:]``; a document cut by ``n`` restarts as the tail's first."""
+        starts = np.asarray(self.doc_starts)
+        head = TokenStream(self.tokens[:n], starts[starts < n])
+        tail_starts = np.unique(np.concatenate([[0], starts[starts >= n] - n])).astype(np.int64)
+        return head, TokenStream(self.tokens[n:], tail_starts)
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenSplits:
-    train: np.ndarray  # int32 [n_train]
-    val: np.ndarray  # int32 [n_val]
+    train: TokenStream
+    val: TokenStream
 
 
-def tokenize_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> TokenSplits:
-    ids = np.asarray(tokenizer.encode(load_text(cfg.text_path)).ids, dtype=np.int32)
-    n_val = int(len(ids) * cfg.val_fraction)
-    if n_val < cfg.seq_len + 1 or len(ids) - n_val < cfg.seq_len + 1:
+def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
+    """The memory-mapped stream of a ``jaxlm prepare-data`` directory, checked against its
+    meta.json and against the tokenizer in use (``data.tokenizer_path``)."""
+    d = pathlib.Path(path)
+    if not d.is_dir():
+        raise ConfigError(f"data.path '{d}' is not a directory; create one with `jaxlm prepare-data INPUT... --out {d}`")
+    meta_path = d / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+        n_tokens, n_docs, version = int(meta["num_tokens"]), int(meta["num_docs"]), int(meta["format_version"])
+        want_hash = str(meta["tokenizer_sha256"])
+    except FileNotFoundError:
+        raise ConfigError(f"data.path '{d}' has no meta.json; it was not written by `jaxlm prepare-data`") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"'{meta_path}' is corrupt ({type(e).__name__}: {e}); prepare the data again") from None
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"'{d}' has format version {version}, this jaxlm reads {FORMAT_VERSION}; prepare the data again")
+    if want_hash != tokenizer_hash(tokenizer_path):
         raise ConfigError(
-            f"the corpus has {len(ids)} tokens: too few for data.seq_len={cfg.seq_len} "
+            f"'{d}' was tokenized with '{meta.get('tokenizer') or 'the embedded tokenizer'}', not with "
+            f"data.tokenizer_path='{tokenizer_path}' (tokenizer hashes differ); set data.tokenizer_path to match"
+        )
+    tokens_path, docs_path = d / "tokens.bin", d / "docs.npy"
+    if not tokens_path.is_file() or tokens_path.stat().st_size != n_tokens * dtype.itemsize:
+        raise ConfigError(f"'{tokens_path}' is missing or not {n_tokens} {dtype.name} tokens long; prepare the data again")
+    try:
+        starts = np.load(docs_path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"'{docs_path}' is missing or unreadable ({e}); prepare the data again") from None
+    if starts.shape != (n_docs,) or n_docs == 0 or starts[0] != 0:
+        raise ConfigError(f"'{docs_path}' does not hold {n_docs} document starts from 0; prepare the data again")
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
+    return TokenStream(tokens, starts)
+
+
+def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:
+    """``data.path`` memory-mapped, else ``data.text_path`` (or the embedded corpus) as one document."""
+    if cfg.path:
+        return open_prepared(cfg.path, cfg.tokenizer_path)
+    ids = np.asarray(tokenizer.encode(load_text(cfg.text_path)).ids, dtype=np.int32)
+    return TokenStream(ids, np.zeros(1, np.int64))
+
+
+def load_splits(cfg: DataConfig, tokenizer: Tokenizer) -> TokenSplits:
+    """The stream split into train and the held-out last ``val_fraction`` of its tokens."""
+    stream = load_stream(cfg, tokenizer)
+    n = len(stream)
+    n_val = int(n * cfg.val_fraction)
+    if n_val < cfg.seq_len + 1 or n - n_val < cfg.seq_len + 1:
+        raise ConfigError(
+            f"the corpus has {n} tokens: too few for data.seq_len={cfg.seq_len} "
             f"with data.val_fraction={cfg.val_fraction}"
         )
-    return TokenSplits(train=ids[:-n_val], val=ids[-n_val:])
+    train, val = stream.split_at(n - n_val)
+    return TokenSplits(train=train, val=val)
 
 
-class WindowSampler:
-    """Global batch ``i`` of ``[batch, seq_len + 1]`` windows, a pure function of (seed, i)."""
+def pack_rows(stream: TokenStream, row_ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Rows ``row_ids`` of the stream (row ``r`` = tokens ``[r * seq_len, r * seq_len + seq_len]``).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+    Returns ``[len(row_ids), seq_len]`` arrays: ``inputs``, ``targets``, ``positions``,
+    ``segment_ids`` (int32) and ``loss_mask`` (float32). Reads only these rows' tokens.
+    """
+    starts_R = np.asarray(row_ids, dtype=np.int64) * seq_len
+    if len(starts_R):
+        windows = np.stack([np.asarray(stream.tokens[s : s + seq_len + 1]) for s in starts_R]).astype(np.int32)
+    else:
+        windows = np.zeros((0, seq_len + 1), np.int32)
+    offsets_RxL1 = starts_R[:, None] + np.arange(seq_len + 1)
+    doc_RxL1 = np.searchsorted(stream.doc_starts, offsets_RxL1, side="right") - 1
+    doc_start_RxL = np.maximum(np.asarray(stream.doc_starts)[doc_RxL1[:, :-1]], starts_R[:, None])
+    return {
+        "inputs": windows[:, :-1],
+        "targets": windows[:, 1:],
+        "positions": (offsets_RxL1[:, :-1] - doc_start_RxL).astype(np.int32),
+        "segment_ids": (doc_RxL1[:, :-1] - doc_RxL1[:, :1]).astype(np.int32),
+        "loss_mask": (doc_RxL1[:, 1:] == doc_RxL1[:, :-1]).astype(np.float32),
+    }
+
+
+class PackedLoader:
+    """Global batch ``i`` of ``[batch_size, seq_len]`` packed rows, a pure function of (seed, i)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.seed, self.shuffle = seed, shuffle
-        self.num_windows = (len(tokens) - 1) // seq_len
-        self._perm_epoch, self._perm = -1, np.arange(self.num_windows)
+        self.num_rows = (len(stream) - 1) // seq_len
+        if self.num_rows < 1:
+            raise ConfigError(f"a stream of {len(stream)} tokens holds no row of data.seq_len+1={seq_len + 1} tokens")
+        self.keys = ("inputs", "targets", "positions", "loss_mask") + (("segment_ids",) if stream.num_docs > 1 else ())
+        self._perm_epoch, self._perm = -1, np.arange(self.num_rows)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self.shuffle and epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
             self._perm_epoch = epoch
         return self._perm
 
-    def batch(self, index: int) -> np.ndarray:
-        rows = []
-        for j in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch, k = divmod(j, self.num_windows)
-            start = int(self._permutation(epoch)[k]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-        return np.stack(rows)
+    def row_ids(self, index: int, rows: slice = slice(None)) -> np.ndarray:
+        """Stream row ids ``[k]`` of global batch ``index``, rows ``rows`` of it."""
+        js = np.arange(index * self.batch_size, (index + 1) * self.batch_size)[rows]
+        epochs, ks = np.divmod(js, self.num_rows)
+        return np.array([self._permutation(int(e))[k] for e, k in zip(epochs, ks)], dtype=np.int64)
+
+    def rows(self, index: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Host arrays ``[k, seq_len]`` (keys ``self.keys``) of rows ``rows`` of global batch ``index``."""
+        packed = pack_rows(self.stream, self.row_ids(index, rows), self.seq_len)
+        return {k: packed[k] for k in self.keys}
+
+    def batch(self, index: int) -> "BatchRef":
+        """Global batch ``index``, computed lazily (by :func:`to_global_batch`, shard by shard)."""
+        return BatchRef(self, index)
 
 
-def to_global_batch(windows_BxL1: np.ndarray, mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Split windows into inputs/targets/positions, each laid out on the mesh by batch.
+@dataclasses.dataclass(frozen=True)
+class BatchRef:
+    """Global batch ``index`` of ``loader``; nothing is read until rows are asked for."""
 
-    Every process computes the same global windows (cheap for token ids) and places only the
-    shards its own devices hold, so this is correct on one host or many. When the mesh splits
-    the sequence, tokens (with their positions and targets) are reordered so every sequence
-    shard gets an equal share of causal work (:func:`sharding.context.load_balance_order`).
+    loader: PackedLoader
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.loader.batch_size, self.loader.seq_len)
+
+    def rows(self, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        return self.loader.rows(self.index, rows)
+
+
+def to_global_batch(batch: BatchRef, mesh: Mesh | None) -> dict[str, jax.Array]:
+    """The batch's arrays laid out on the mesh by batch (and sequence), ``[batch, seq_len]`` each.
+
+    Each process computes only the rows its own devices hold (the callback of
+    ``make_array_from_callback`` is asked for index slices; each distinct row slice is read
+    once), so this is correct and cheap on one host or many. When the mesh splits the sequence,
+    every array is reordered along it so every sequence shard gets an equal share of causal work
+    (:func:`sharding.context.load_balance_order`); positions, segment ids and the loss mask
+    travel with their tokens, so attention and the (weighted mean) loss do not change.
     """
-    inputs, targets = windows_BxL1[:, :-1], windows_BxL1[:, 1:]
-    positions = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)
-    host = {"inputs": inputs, "targets": targets, "positions": positions}
+    keys = batch.loader.keys
     if mesh is None:
-        return {k: jax.numpy.asarray(v) for k, v in host.items()}
+        return {k: jax.numpy.asarray(v) for k, v in batch.rows().items()}
+    B, T = batch.shape
     shards = sequence_shards(mesh)
-    if shards > 1:
-        order = load_balance_order(inputs.shape[1], shards)
-        host = {k: v[:, order] for k, v in host.items()}
+    order = load_balance_order(T, shards) if shards > 1 else None
+    cache: dict[tuple[int, int, int], dict[str, np.ndarray]] = {}
+
+    def host_rows(rows: slice) -> dict[str, np.ndarray]:
+        key = rows.indices(B)
+        if key not in cache:
+            host = batch.rows(slice(*key))
+            cache[key] = host if order is None else {k: v[:, order] for k, v in host.items()}
+        return cache[key]
+
     sharding = logical_sharding(mesh, ("batch", "seq"))
     return {
-        k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: np.ascontiguousarray(v[idx]))
-        for k, v in host.items()
+        k: jax.make_array_from_callback(
+            (B, T), sharding, lambda idx, k=k: np.ascontiguousarray(host_rows(idx[0])[k][:, idx[1]])
+        )
+        for k in keys
     }

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
+from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.model import Transformer
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from sharding.mesh import make_mesh
@@ -37,19 +37,22 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy, computed in float32."""
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy in float32; with ``mask_BxT`` (float 0/1) the mean over tokens where it is 1."""
     logits = logits_BxTxV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return jnp.mean(lse - target_logit)
+    if mask_BxT is None:
+        return jnp.mean(lse - target_logit)
+    mask = mask_BxT.astype(jnp.float32)
+    return jnp.sum((lse - target_logit) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
     def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["inputs"], batch["positions"], segment_ids_BxT=batch.get("segment_ids"))
-        return cross_entropy(logits, batch["targets"])
+        return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
 
     return loss_fn
 
@@ -168,7 +171,7 @@ def train(
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()} tokens"
         )
-    splits = tokenize_corpus(cfg.data, tokenizer)
+    splits = load_splits(cfg.data, tokenizer)
     trainer = Trainer(cfg, mesh)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda _: None)
@@ -187,9 +190,9 @@ def train(
         state, position = trainer.init_state(nnx.state(model)), 0
 
     t = cfg.train
-    sampler = WindowSampler(splits.train, cfg.data.seq_len, t.batch_size, seed=cfg.data.seed)
-    val_sampler = WindowSampler(splits.val, cfg.data.seq_len, t.batch_size, seed=0, shuffle=False)
-    n_val = min(t.eval_batches, max(1, val_sampler.num_windows // t.batch_size))
+    sampler = PackedLoader(splits.train, cfg.data.seq_len, t.batch_size, seed=cfg.data.seed)
+    val_sampler = PackedLoader(splits.val, cfg.data.seq_len, t.batch_size, seed=0, shuffle=False)
+    n_val = min(t.eval_batches, max(1, val_sampler.num_rows // t.batch_size))
     val_batches = [to_global_batch(val_sampler.batch(i), mesh) for i in range(n_val)]
     val_before = _evaluate(trainer, state.params, val_batches)
     say(f"validation loss before: {val_before:.4f}  ({n_val} batches of {t.batch_size}x{cfg.data.seq_len})")

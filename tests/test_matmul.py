@@ -212,12 +212,12 @@ def test_train_step_with_pallas_projections_matches_xla(devices):
     """The kernel (interpreter on CPU) in every projection of the jitted, sharded training step."""
     from tests.test_train import MESH_CFG, _losses, tiny_config  # noqa: F401 (shared setup)
     from jaxlm.build import build_model
-    from jaxlm.data import WindowSampler, load_tokenizer, tokenize_corpus
+    from jaxlm.data import PackedLoader, load_splits, load_tokenizer
     from flax import nnx
 
     cfg = tiny_config(*MESH_CFG, "model.num_layers=1", "train.batch_size=8")
-    splits = tokenize_corpus(cfg.data, load_tokenizer())
-    sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    splits = load_splits(cfg.data, load_tokenizer())
+    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
     windows = [sampler.batch(i) for i in range(2)]
     params = jax.device_get(nnx.state(build_model(cfg.model, seed=0)))
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices)

@@ -10,7 +10,7 @@ from flax import nnx
 import jaxlm
 from jaxlm.build import build_model
 from jaxlm.config import MeshConfig
-from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
+from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.train import Trainer, cross_entropy
 from sharding.mesh import make_mesh
 from tests.conftest import tiny_config
@@ -22,8 +22,8 @@ MESH_CFG = ("model.num_heads=8", "model.num_kv_heads=8", "model.head_dim=8", "tr
 @pytest.fixture(scope="module")
 def setup():
     cfg = tiny_config(*MESH_CFG)
-    splits = tokenize_corpus(cfg.data, load_tokenizer())
-    sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    splits = load_splits(cfg.data, load_tokenizer())
+    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
     windows = [sampler.batch(i) for i in range(3)]
     params = jax.device_get(nnx.state(build_model(cfg.model, seed=0)))
     return cfg, windows, params
@@ -140,8 +140,8 @@ def test_pipeline_training_matches_one_device(setup, single_device_losses, devic
 
 def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices):
     cfg = tiny_config(*MESH_CFG, "model.num_layers=4", "model.pipeline_microbatches=4")
-    splits = tokenize_corpus(cfg.data, load_tokenizer())
-    sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    splits = load_splits(cfg.data, load_tokenizer())
+    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
     windows = [sampler.batch(i) for i in range(3)]
     params = jax.device_get(nnx.state(build_model(cfg.model, seed=1)))
     single, _ = _losses(cfg, windows, params, make_mesh(MeshConfig(), devices[:1]))

@@ -1,0 +1,116 @@
+"""``jaxlm prepare-data``: text files -> a directory of token ids the data loader memory-maps.
+
+Inputs are ``.txt`` files (one document per file) and ``.jsonl`` files (one JSON object per line,
+the document in ``text_field``). Every document is tokenized, followed by the EOS token, and
+appended to ``DIR/tokens.bin`` (uint16 when the vocabulary fits, else uint32); ``DIR/docs.npy``
+holds the int64 start offset of every document and ``DIR/meta.json`` describes both::
+
+    prepare_data(["a.txt", "b.jsonl"], "data/mine")   # then train with data.path=data/mine
+
+Documents are read and tokenized a batch at a time and written as they come, so memory holds one
+batch of text plus the document offsets. Everything is written under a temporary name next to
+``DIR`` and renamed into place at the end; an existing ``DIR`` is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import pathlib
+import shutil
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from jaxlm.config import ConfigError
+from jaxlm.data import EOS_TOKEN, FORMAT_VERSION, load_tokenizer, tokenizer_hash
+
+_BATCH_DOCS = 256  # documents tokenized together (encode_batch runs them in parallel)
+
+
+def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
+    """Document texts of ``.txt`` (whole file) and ``.jsonl`` (``text_field`` of each line) files, in order."""
+    for name in paths:
+        p = pathlib.Path(name)
+        if not p.is_file():
+            raise ConfigError(f"input '{p}' does not exist")
+        if p.suffix == ".txt":
+            yield p.read_text(encoding="utf-8")
+        elif p.suffix == ".jsonl":
+            with p.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[text_field]
+                    except (ValueError, KeyError, TypeError):
+                        raise ConfigError(
+                            f"{p}:{line_no} is not a JSON object with a string field '{text_field}'; "
+                            "set --text-field to the field holding the text"
+                        ) from None
+                    if not isinstance(text, str):
+                        raise ConfigError(f"{p}:{line_no}: field '{text_field}' is {type(text).__name__}, not a string")
+                    yield text
+        else:
+            raise ConfigError(f"input '{p}' is neither .txt (one document) nor .jsonl (one document per line)")
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        if doc:  # an empty document would be a lone EOS
+            batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_data(inputs: list[str], out: str, tokenizer_path: str = "", text_field: str = "text") -> dict:
+    """Tokenize ``inputs`` into the directory ``out`` (which must not exist). Returns its meta.json."""
+    out_dir = pathlib.Path(out)
+    if out_dir.exists():
+        raise ConfigError(f"output directory '{out_dir}' already exists; choose a new --out (nothing was written)")
+    if not inputs:
+        raise ConfigError("give at least one input .txt or .jsonl file")
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ConfigError(f"the tokenizer has no '{EOS_TOKEN}' token to end documents with; add it to the tokenizer")
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        starts = array.array("q")  # 8 bytes a document
+        n_tokens = 0
+        with (tmp / "tokens.bin").open("wb") as f:
+            for batch in _batches(iter_documents(inputs, text_field), _BATCH_DOCS):
+                for enc in tokenizer.encode_batch(batch):
+                    ids = np.asarray(enc.ids + [eos], dtype=np.int64)
+                    starts.append(n_tokens)
+                    n_tokens += len(ids)
+                    f.write(ids.astype(dtype).tobytes())
+        if not starts:
+            raise ConfigError("the inputs hold no text; nothing to prepare")
+        np.save(tmp / "docs.npy", np.frombuffer(starts, dtype=np.int64))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": vocab,
+            "num_tokens": n_tokens,
+            "num_docs": len(starts),
+            "eos_id": eos,
+            "tokenizer": tokenizer_path,
+            "tokenizer_sha256": tokenizer_hash(tokenizer_path),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
