@@ -7,14 +7,17 @@ A checkpoint at step ``N`` holds three items:
 * ``meta``      - JSON: the step, the data position (batches consumed) and the full run config.
 
 Saves are asynchronous and atomic (a save cut short is left as ``N.orbax-checkpoint-tmp`` and
-ignored on restore). Restoring takes an abstract target whose shardings describe the *current*
+ignored on restore); old steps are deleted only after a newer save has committed, so the keep
+policy never removes the last good checkpoint. A step found unreadable can be set aside as
+``N.corrupt`` (:meth:`Checkpointer.quarantine`), which the step listing ignores. Restoring takes an abstract target whose shardings describe the *current*
 mesh, so a checkpoint written on one layout loads onto another.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+import time
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -43,9 +46,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, data_position: int, config: Config) -> None:
-        """Start writing step ``step`` (returns once the arrays are copied off the devices)."""
-        meta = {"step": step, "data_position": data_position, "config": config.to_dict()}
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first (torn ``*.orbax-checkpoint-tmp`` saves are not listed)."""
+        return sorted(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        params: Any,
+        opt_state: Any,
+        data_position: int,
+        config: Config,
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start writing step ``step`` (returns once the arrays are copied off the devices).
+
+        ``extra_meta`` (JSON-able) is stored beside the step, data position and config.
+        """
+        meta = {"step": step, "data_position": data_position, "config": config.to_dict(), **(extra_meta or {})}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,7 +76,13 @@ class Checkpointer:
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step_or_latest(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: {_first_line(e)}") from e
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: its metadata is incomplete")
+        return meta
 
     def read_config(self, step: int | None = None) -> Config:
         return config_from_dict(self.read_meta(step)["config"])
@@ -81,10 +105,34 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state, opt_shardings))
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {first}") from e
+        except Exception as e:  # noqa: BLE001 - missing, truncated or garbled files all land here
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {_first_line(e)}") from e
         return out["params"], out.get("opt_state"), out["meta"]
+
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Rename an unreadable step ``N`` to ``N.corrupt`` (kept for inspection, no longer listed)."""
+        self.manager.wait_until_finished()
+        target = self.directory / f"{step}.corrupt"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{step}.corrupt{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
+    def set_aside(self, prefix: str) -> pathlib.Path:
+        """Move every step (committed or torn) into a new ``<prefix>-<time>`` folder; nothing is deleted."""
+        self.manager.wait_until_finished()
+        target = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{n}", n + 1
+        target.mkdir()
+        for p in self.directory.iterdir():
+            if p.name.split(".")[0].isdigit():
+                p.rename(target / p.name)
+        self.manager.reload()
+        return target
 
     def _step_or_latest(self, step: int | None) -> int:
         if step is None:
@@ -100,6 +148,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = None):

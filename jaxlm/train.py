@@ -4,12 +4,19 @@
 state's shardings and the state donated. The loop feeds it deterministic batches, shows a
 progress bar, evaluates held-out loss, and saves asynchronous checkpoints that a later run
 resumes from bit for bit.
+
+Faults: a step whose loss or gradients are not finite is skipped inside the compiled step
+(parameters and optimizer state stay as they were; see :class:`TrainState` for the counters) and
+logged; ``train.max_consecutive_skips`` such steps in a row stop the run with
+:class:`TrainingDiverged`. SIGTERM or SIGINT saves a checkpoint at the current step and returns;
+an unreadable latest checkpoint is set aside with a warning and the previous one is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import signal
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -25,15 +32,29 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
 from jaxlm.model import Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
+from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
 from sharding.mesh import make_mesh
-from sharding.rules import logical_sharding, mesh_axis_size, LOGICAL_RULES
+from sharding.rules import constrain, logical_sharding, mesh_axis_size, LOGICAL_RULES
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradients; the run stopped."""
 
 
 class TrainState(NamedTuple):
-    step: jax.Array  # int32 [], number of updates applied
+    """What one step reads and writes.
+
+    ``step`` counts the batches consumed, skipped steps included, so the loop, the data position
+    and checkpoint numbers move together. A skipped step changes neither ``params`` nor
+    ``opt_state``: the optimizer's own counter (its learning-rate schedule position and bias
+    correction) counts applied updates only.
+    """
+
+    step: jax.Array  # int32 [], batches consumed (skipped steps included)
     params: nnx.State  # float32 master weights
     opt_state: optax.OptState
+    loss_scale: LossScale  # dynamic loss scale (float16 compute; constant 1 otherwise)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -53,15 +74,51 @@ def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict[str, jax.A
     return loss_fn
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def _constrain_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: constrain(v, ("batch", "seq")) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    policy: Policy,
+    grad_accum_steps: int = 1,
+):
+    """The pure step: (loss-scaled) gradients accumulated over microbatches, then a guarded update.
+
+    Metrics: ``loss`` (unscaled, float32), ``grad_norm`` (float32), ``lr``, ``skipped`` (int32 1
+    when the update was dropped for a non-finite loss or gradient) and ``loss_scale``.
+    """
     loss_fn = make_loss_fn(graphdef)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        scale = state.loss_scale.scale
+
+        def loss_and_grad(params, mb):
+            if not policy.loss_scaling:
+                return jax.value_and_grad(loss_fn)(params, mb)
+            (_, loss), grads = jax.value_and_grad(lambda p: (lambda l: (l * scale, l))(loss_fn(p, mb)), has_aux=True)(params)
+            return loss, grads
+
+        loss, grads = accumulate_gradients(loss_and_grad, state.params, batch, grad_accum_steps, _constrain_batch)
+        if policy.loss_scaling:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        keep_new = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep_new, params, state.params)
+        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        loss_scale = update_loss_scale(state.loss_scale, finite, policy)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "skipped": (~finite).astype(jnp.int32),
+            "loss_scale": scale,
+        }
+        return TrainState(state.step + 1, params, opt_state, loss_scale), metrics
 
     return train_step
 
@@ -77,6 +134,13 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
                 f"{batch_axes} (mesh data*fsdp); pick a multiple of it"
             )
+        accum = cfg.train.grad_accum_steps
+        if (cfg.train.batch_size // accum) % batch_axes:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} / train.grad_accum_steps={accum} is not divisible by "
+                f"the data-parallel size {batch_axes}; each microbatch must split evenly over the devices"
+            )
+        self.policy = policy_for(cfg)
         self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
         self.schedule = learning_rate_schedule(cfg.train)
@@ -84,10 +148,11 @@ class Trainer:
         self.abstract_params = abstract
         self.abstract_opt_state = jax.eval_shape(self.tx.init, abstract)
         self.opt_shardings = like_param_shardings(self.abstract_opt_state, abstract, self.param_shardings, mesh)
-        self.shardings = TrainState(replicated(mesh), self.param_shardings, self.opt_shardings)
+        rep = replicated(mesh)
+        self.shardings = TrainState(rep, self.param_shardings, self.opt_shardings, LossScale(rep, rep))
         batch_sharding = logical_sharding(mesh, ("batch", "seq"))
         self._step = jax.jit(
-            make_train_step(self.graphdef, self.tx, self.schedule),
+            make_train_step(self.graphdef, self.tx, self.schedule, self.policy, accum),
             in_shardings=(self.shardings, batch_sharding),
             out_shardings=(self.shardings, replicated(mesh)),
             donate_argnums=0,
@@ -99,7 +164,13 @@ class Trainer:
         params = jax.device_put(params, self.param_shardings)
         with jax.set_mesh(self.mesh):
             opt_state = self._init_opt(params)
-        return TrainState(jax.device_put(jnp.int32(0), replicated(self.mesh)), params, opt_state)
+        return TrainState(jax.device_put(jnp.int32(0), replicated(self.mesh)), params, opt_state, self._loss_scale())
+
+    def _loss_scale(self, saved: dict | None = None) -> LossScale:
+        ls = init_loss_scale(self.policy)
+        if saved is not None and self.policy.loss_scaling:
+            ls = LossScale(jnp.float32(saved["scale"]), jnp.int32(saved["good_steps"]))
+        return jax.device_put(ls, replicated(self.mesh))
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):
@@ -118,8 +189,15 @@ class Trainer:
         params, opt_state, meta = ckpt.restore(
             self.abstract_params, self.param_shardings, self.abstract_opt_state, self.opt_shardings, step=step
         )
-        state = TrainState(jax.device_put(jnp.int32(meta["step"]), replicated(self.mesh)), params, opt_state)
+        step_array = jax.device_put(jnp.int32(meta["step"]), replicated(self.mesh))
+        state = TrainState(step_array, params, opt_state, self._loss_scale(meta.get("loss_scale")))
         return state, int(meta["data_position"])
+
+    def save(self, ckpt: Checkpointer, step: int, state: TrainState, data_position: int) -> None:
+        """Start an asynchronous save of ``state`` (which is at ``step``)."""
+        scale, good = jax.device_get((state.loss_scale.scale, state.loss_scale.good_steps))
+        extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)}}
+        ckpt.save(step, state.params, state.opt_state, data_position, self.cfg, extra_meta=extra)
 
 
 @dataclasses.dataclass
@@ -127,21 +205,64 @@ class TrainResult:
     model: Transformer
     history: list[dict[str, float]]  # one entry per step: step, loss, grad_norm, lr, tokens_per_s
     val_loss_before: float
-    val_loss_after: float
+    val_loss_after: float  # nan when the run was stopped by a signal (no final evaluation)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
+    skipped_steps: tuple[int, ...] = ()  # steps whose update was dropped (non-finite loss or grads)
 
 
 def _evaluate(trainer: Trainer, params: nnx.State, batches: list[dict[str, jax.Array]]) -> float:
     return float(np.mean([float(trainer.loss(params, b)) for b in batches]))
 
 
-def _check_resumable(ckpt: Checkpointer, cfg: Config) -> None:
-    saved = ckpt.read_config()
-    if saved.model != cfg.model:
-        diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
-        raise ConfigError(
-            f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
-            f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir"
-        )
+def _model_diff(saved: Config, cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+
+
+def _resume(
+    trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
+) -> tuple[TrainState, int] | None:
+    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set it aside).
+
+    A checkpoint whose files cannot be read is renamed ``N.corrupt`` with a one-line warning and the
+    next older one is tried. A run directory holding a different model is refused (ConfigError)
+    unless ``force``, which moves its checkpoints into a ``superseded-*`` folder and starts afresh.
+    """
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            saved = ckpt.read_config(step)
+        except ConfigError as e:
+            say(f"warning: {e}; set aside as {ckpt.quarantine(step).name}, trying an older step")
+            continue
+        diff = _model_diff(saved, cfg)
+        if diff and not force:
+            raise ConfigError(
+                f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
+                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
+            )
+        if diff:
+            where = ckpt.set_aside("superseded")
+            say(f"warning: the run in '{ckpt.directory}' had a different model; moved it to '{where}', starting afresh")
+            return None
+        try:
+            return trainer.restore(ckpt, step)
+        except ConfigError as e:
+            say(f"warning: {e}; set aside as {ckpt.quarantine(step).name}, trying an older step")
+    return None
+
+
+def _install_stop_handlers(stop: list[str]) -> Callable[[], None]:
+    """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signums = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in signums}
+
+    def handler(signum, _frame):
+        stop.append(signal.Signals(signum).name)
+
+    for s in signums:
+        signal.signal(s, handler)
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
 def train(
@@ -150,11 +271,15 @@ def train(
     *,
     mesh: Mesh | None = None,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> TrainResult:
     """Train ``model`` (a fresh one when None) for ``cfg.train.steps`` steps on ``mesh``.
 
     With ``cfg.checkpoint.dir`` set, saves every ``save_every`` steps and at the end, and resumes
-    from the latest checkpoint found there (parameters, optimizer and data position).
+    from the newest readable checkpoint found there (parameters, optimizer, loss scale and data
+    position). ``force`` starts afresh in a directory holding a different model, after moving its
+    checkpoints aside. SIGTERM/SIGINT save the current step and return early (``stopped_by``);
+    too many non-finite steps in a row raise :class:`TrainingDiverged`.
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
@@ -168,9 +293,9 @@ def train(
     say = log if is_main else (lambda _: None)
 
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint) if cfg.checkpoint.dir else None
-    if ckpt is not None and ckpt.latest_step() is not None:
-        _check_resumable(ckpt, cfg)
-        state, position = trainer.restore(ckpt)
+    resumed = _resume(trainer, ckpt, cfg, force, say) if ckpt is not None else None
+    if resumed is not None:
+        state, position = resumed
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     else:
         if model is None:
@@ -188,6 +313,7 @@ def train(
     first = int(state.step)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     history: list[dict[str, float]] = []
+    skipped: list[int] = []
     bar = None
     if is_main and t.progress:
         from tqdm.auto import tqdm
@@ -195,6 +321,13 @@ def train(
         bar = tqdm(total=t.steps, initial=first, desc="train", dynamic_ncols=True)
     pending: tuple[int, dict[str, jax.Array]] | None = None
     last_time = time.perf_counter()
+    last_saved = first if resumed is not None else None
+
+    def show(message: str) -> None:
+        if bar is not None:
+            bar.write(message)  # printed above the bar, not into it
+        else:
+            say(message)
 
     def record(step: int, metrics: dict[str, jax.Array]) -> None:
         nonlocal last_time
@@ -202,37 +335,62 @@ def train(
         now = time.perf_counter()
         values.update(step=step, tokens_per_s=tokens_per_step / max(now - last_time, 1e-9))
         last_time = now
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss is {values['loss']} at step {step}")
         history.append(values)
+        if values["skipped"]:
+            skipped.append(step)
+            in_a_row = next((i for i, h in enumerate(reversed(history)) if not h["skipped"]), len(history))
+            show(
+                f"step {step}: non-finite loss or gradients (loss {values['loss']}), update skipped "
+                f"({in_a_row} in a row, {len(skipped)} in all)"
+            )
+            if in_a_row >= t.max_consecutive_skips:
+                where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if ckpt and last_saved else ""
+                raise TrainingDiverged(
+                    f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss or gradients "
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; lower train.learning_rate or check the data"
+                )
+        if t.log_every and step % t.log_every == 0:
+            line = f"step {step}: loss {values['loss']:.9g} grad_norm {values['grad_norm']:.6g} lr {values['lr']:.6g}"
+            show(line + (f" loss_scale {values['loss_scale']:g}" if trainer.policy.loss_scaling else ""))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
 
-    for step in range(first + 1, t.steps + 1):
-        batch = to_global_batch(sampler.batch(position), mesh)
-        position += 1
-        state, metrics = trainer.step(state, batch)
-        if pending is not None:  # read the previous step's metrics while this one runs
+    stop: list[str] = []
+    restore_handlers = _install_stop_handlers(stop)
+    try:
+        for step in range(first + 1, t.steps + 1):
+            batch = to_global_batch(sampler.batch(position), mesh)
+            position += 1
+            state, metrics = trainer.step(state, batch)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                record(*pending)
+            pending = (step, metrics)
+            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stop):
+                trainer.save(ckpt, step, state, position)
+                last_saved = step
+            if stop:
+                record(*pending)
+                pending = None
+                show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
+                break
+            if step % t.eval_every == 0 and step != t.steps:
+                record(*pending)
+                pending = None
+                show(f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}")
+        if pending is not None:
             record(*pending)
-        pending = (step, metrics)
-        if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps):
-            ckpt.save(step, state.params, state.opt_state, position, cfg)
-        if step % t.eval_every == 0 and step != t.steps:
-            record(*pending)
-            pending = None
-            message = f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}"
-            if bar is not None:
-                bar.write(message)  # printed above the bar, not into it
-            else:
-                say(message)
-    if pending is not None:
-        record(*pending)
-    if bar is not None:
-        bar.close()
-    val_after = _evaluate(trainer, state.params, val_batches)
-    say(f"validation loss after:  {val_after:.4f}")
-    if ckpt is not None:
-        ckpt.wait()
-        ckpt.close()
-    return TrainResult(nnx.merge(trainer.graphdef, state.params), history, val_before, val_after)
+    finally:
+        restore_handlers()
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+    val_after = float("nan") if stop else _evaluate(trainer, state.params, val_batches)
+    if not stop:
+        say(f"validation loss after:  {val_after:.4f}")
+    return TrainResult(
+        nnx.merge(trainer.graphdef, state.params), history, val_before, val_after,
+        stopped_by=stop[0] if stop else None, skipped_steps=tuple(skipped),
+    )
