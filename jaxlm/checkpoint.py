@@ -4,7 +4,8 @@ A checkpoint at step ``N`` holds three items:
 
 * ``params``    - the model parameters (``nnx.State``), float32 master weights;
 * ``opt_state`` - the optax state (moments, counters);
-* ``meta``      - JSON: the step, the data position (batches consumed) and the full run config.
+* ``meta``      - JSON: the step, the data position (batches consumed), the full run config and
+  a checksum of each array tree, checked on restore (a garbled file fails loudly, not silently).
 
 Saves are asynchronous and atomic (a save cut short is left as ``N.orbax-checkpoint-tmp`` and
 ignored on restore); old steps are deleted only after a newer save has committed, so the keep
@@ -20,6 +21,8 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
@@ -27,6 +30,30 @@ from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 []: sum over elements of (bit pattern * (2 * flat index + 1)), wrapping mod 2**32.
+
+    Integer sums are exact in any order, so the value is the same on every mesh layout.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for dim in range(x.ndim):
+        index = index * jnp.uint32(x.shape[dim]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim)
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _tree_checksums(tree: Any) -> list[jax.Array]:
+    return [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
+
+
+def tree_checksum(tree: Any) -> int:
+    """One integer fingerprint of every array in ``tree`` (values, dtypes' bits and positions)."""
+    sums = np.asarray(jax.device_get(_tree_checksums(tree)), dtype=np.uint64)
+    weights = np.arange(1, len(sums) + 1, dtype=np.uint64) * np.uint64(0x9E3779B1)
+    return int(np.sum(sums * weights, dtype=np.uint64) % np.uint64(2**61 - 1))
 
 
 class Checkpointer:
@@ -64,6 +91,7 @@ class Checkpointer:
         ``extra_meta`` (JSON-able) is stored beside the step, data position and config.
         """
         meta = {"step": step, "data_position": data_position, "config": config.to_dict(), **(extra_meta or {})}
+        meta["checksums"] = {"params": tree_checksum(params), "opt_state": tree_checksum(opt_state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -107,6 +135,13 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - missing, truncated or garbled files all land here
             raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {_first_line(e)}") from e
+        saved = out["meta"].get("checksums", {})
+        for name in ("params", "opt_state"):
+            if name in out and name in saved and tree_checksum(out[name]) != saved[name]:
+                raise ConfigError(
+                    f"checkpoint step {step} in '{self.directory}' cannot be restored: its {name} do not match "
+                    "the checksum written with them (a file was corrupted)"
+                )
         return out["params"], out.get("opt_state"), out["meta"]
 
     def quarantine(self, step: int) -> pathlib.Path:
@@ -152,7 +187,7 @@ class Checkpointer:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return text.splitlines()[0].split(" See full TensorStore details")[0] if text else type(e).__name__
 
 
 def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = None):
