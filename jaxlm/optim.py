@@ -23,7 +23,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),  # warmup_steps == steps leaves no decay phase
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
 
