@@ -10,8 +10,9 @@ A checkpoint at step ``N`` holds three items:
 Saves are asynchronous and atomic (a save cut short is left as ``N.orbax-checkpoint-tmp`` and
 ignored on restore); old steps are deleted only after a newer save has committed, so the keep
 policy never removes the last good checkpoint. A step found unreadable can be set aside as
-``N.corrupt`` (:meth:`Checkpointer.quarantine`), which the step listing ignores. Restoring takes an abstract target whose shardings describe the *current*
-mesh, so a checkpoint written on one layout loads onto another.
+``N.corrupt`` (:meth:`Checkpointer.quarantine`), which the step listing ignores. Restoring takes
+an abstract target whose shardings describe the *current* mesh, so a checkpoint written on one
+layout loads onto another.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
             raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: {_first_line(e)}") from e
         if not isinstance(meta, dict) or "config" not in meta:
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: its metadata is incomplete")
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: incomplete metadata")
         return meta
 
     def read_config(self, step: int | None = None) -> Config:

@@ -95,10 +95,14 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
 
+        def scaled_loss(params, mb):
+            loss = loss_fn(params, mb)
+            return loss * scale, loss
+
         def loss_and_grad(params, mb):
             if not policy.loss_scaling:
                 return jax.value_and_grad(loss_fn)(params, mb)
-            (_, loss), grads = jax.value_and_grad(lambda p: (lambda l: (l * scale, l))(loss_fn(p, mb)), has_aux=True)(params)
+            (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, mb)
             return loss, grads
 
         loss, grads = accumulate_gradients(loss_and_grad, state.params, batch, grad_accum_steps, _constrain_batch)
@@ -251,13 +255,18 @@ def _resume(
 
 
 def _install_stop_handlers(stop: list[str]) -> Callable[[], None]:
-    """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers."""
+    """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers.
+
+    A second SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     signums = (signal.SIGTERM, signal.SIGINT)
     old = {s: signal.getsignal(s) for s in signums}
 
     def handler(signum, _frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         stop.append(signal.Signals(signum).name)
 
     for s in signums:
@@ -344,10 +353,11 @@ def train(
                 f"({in_a_row} in a row, {len(skipped)} in all)"
             )
             if in_a_row >= t.max_consecutive_skips:
-                where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if ckpt and last_saved else ""
+                where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved else ""
                 raise TrainingDiverged(
                     f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss or gradients "
-                    f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; lower train.learning_rate or check the data"
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; "
+                    "lower train.learning_rate or check the data"
                 )
         if t.log_every and step % t.log_every == 0:
             line = f"step {step}: loss {values['loss']:.9g} grad_norm {values['grad_norm']:.6g} lr {values['lr']:.6g}"
@@ -366,10 +376,11 @@ def train(
             if pending is not None:  # read the previous step's metrics while this one runs
                 record(*pending)
             pending = (step, metrics)
-            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stop):
+            stopping = bool(stop)  # read once: a signal landing below waits for the next step
+            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stopping):
                 trainer.save(ckpt, step, state, position)
                 last_saved = step
-            if stop:
+            if stopping:
                 record(*pending)
                 pending = None
                 show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
