@@ -87,8 +87,10 @@ def make_train_step(
 ):
     """The pure step: (loss-scaled) gradients accumulated over microbatches, then a guarded update.
 
-    Metrics: ``loss`` (unscaled, float32), ``grad_norm`` (float32), ``lr``, ``skipped`` (int32 1
-    when the update was dropped for a non-finite loss or gradient) and ``loss_scale``.
+    Metrics: ``loss`` (unscaled, float32), ``grad_norm`` (float32), ``lr`` (the schedule at
+    ``state.step``; after skipped steps the optimizer's own count, which sets the rate applied,
+    lags by the number skipped), ``skipped`` (int32 1 when the update was dropped for a non-finite
+    loss or gradient) and ``loss_scale`` (the scale this step used).
     """
     loss_fn = make_loss_fn(graphdef)
 
