@@ -19,7 +19,8 @@ from jaxlm.train import Trainer, cross_entropy, make_loss_fn
 from sharding.mesh import make_mesh
 from tests.conftest import tiny_config
 
-BASE = ("train.warmup_steps=3",)
+STEPS = 16
+BASE = (f"train.steps={STEPS}", "train.warmup_steps=3")
 
 
 def _bf16_sequential_sum(x: jax.Array) -> jax.Array:
@@ -88,37 +89,41 @@ def test_loss_scale_update_rule():
 
 @pytest.fixture(scope="module")
 def setup(devices):
-    cfg = tiny_config("train.steps=30", *BASE)
+    cfg = tiny_config(*BASE)
     splits = tokenize_corpus(cfg.data, load_tokenizer())
     sampler = WindowSampler(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
-    windows = [sampler.batch(i) for i in range(30)]
+    windows = [sampler.batch(i) for i in range(STEPS)]
     params = jax.device_get(nnx.state(jaxlm.build_model(cfg.model, seed=0)))
     return windows, params, make_mesh(MeshConfig(), devices[:1])
 
 
-def _run(cfg, windows, params, mesh):
+def _run(cfg, windows, params, mesh, track_params=False):
+    """Step through ``windows``; each step's metrics, with ``unchanged`` (params equal before/after) if tracked."""
     trainer = Trainer(cfg, mesh)
     state, metrics = trainer.init_state(params), []
     for w in windows:
-        before = jax.device_get(state.params)
+        before = jax.device_get(state.params) if track_params else None
         state, m = trainer.step(state, to_global_batch(w, mesh))
-        metrics.append({**jax.device_get(m), "unchanged": all(
-            np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))})
+        m = jax.device_get(m)
+        if track_params:
+            after = jax.tree.leaves(jax.device_get(state.params))
+            m["unchanged"] = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), after))
+        metrics.append(m)
     return trainer, state, metrics
 
 
 def test_fp16_overflow_skips_backs_off_grows_and_is_checkpointed(setup, tmp_path):
     windows, params, mesh = setup
     # 2**24 overflows float16 in the backward pass; the scale halves until it fits, then doubles every 2 good steps
-    cfg = tiny_config("train.steps=30", *BASE, "model.compute_dtype=float16", "train.loss_scale_init=16777216",
+    cfg = tiny_config(*BASE, "model.compute_dtype=float16", "train.loss_scale_init=16777216",
                       "train.loss_scale_period=2")
-    trainer, state, ms = _run(cfg, windows[:12], params, mesh)
+    trainer, state, ms = _run(cfg, windows[:12], params, mesh, track_params=True)
     skipped = [bool(m["skipped"]) for m in ms]
     assert skipped[0] and not all(skipped) and any(skipped[6:])  # overflows at first, and again after growing
     # a skipped step leaves the parameters as they were (the first applied update has lr 0: warmup)
     assert all(m["unchanged"] for m in ms if m["skipped"]) and sum(not m["unchanged"] for m in ms) >= 3
     want = (2.0**24, 0)
-    for m, nxt in zip(ms, ms[1:] + [None]):
+    for m in ms:
         assert float(m["loss_scale"]) == want[0]
         want = _reference_scale(*want, not m["skipped"], 2)
     assert (float(state.loss_scale.scale), int(state.loss_scale.good_steps)) == want
@@ -132,23 +137,29 @@ def test_fp16_overflow_skips_backs_off_grows_and_is_checkpointed(setup, tmp_path
     assert position == 12 and restored.loss_scale == LossScale(state.loss_scale.scale, state.loss_scale.good_steps)
 
 
-def test_fp16_with_loss_scaling_follows_bf16_and_fp32(setup):
-    """Thirty steps from the same weights and batches.
+@pytest.fixture(scope="module")
+def fp32_metrics(setup):
+    windows, params, mesh = setup
+    return _run(tiny_config(*BASE), windows, params, mesh)[2]
+
+
+def test_fp16_with_loss_scaling_follows_bf16_and_fp32(setup, fp32_metrics):
+    """Sixteen steps from the same weights and batches.
 
     bfloat16 rounds matmul inputs to 8 significant bits (relative error up to 2**-9 = 2e-3), float16
     to 11 bits; the per-token losses average this rounding over 512 tokens, so the curves differ by
-    a few 1e-4. A tolerance of 2e-3 (absolute, on losses of 6 to 8.3) is one bfloat16 rounding of
+    a few 1e-4. A tolerance of 2e-3 (absolute, on losses of 6.8 to 8.3) is one bfloat16 rounding of
     the inputs and still 50x smaller than the typical per-step change of the loss, so a scaling bug
     (grads not unscaled before clipping, a skipped good step) shows up.
     """
     windows, params, mesh = setup
-    curves = {}
-    for dtype in ("float32", "bfloat16", "float16"):
-        cfg = tiny_config("train.steps=30", *BASE, f"model.compute_dtype={dtype}")
+    curves = {"float32": np.array([float(m["loss"]) for m in fp32_metrics])}
+    for dtype in ("bfloat16", "float16"):
+        cfg = tiny_config(*BASE, f"model.compute_dtype={dtype}")
         _, _, ms = _run(cfg, windows, params, mesh)
         assert not any(m["skipped"] for m in ms)
         curves[dtype] = np.array([float(m["loss"]) for m in ms])
-    assert curves["float16"][-1] < curves["float16"][0] - 1.5  # it learns
+    assert curves["float16"][-1] < curves["float16"][0] - 1.0  # it learns
     np.testing.assert_allclose(curves["float16"], curves["bfloat16"], rtol=0, atol=2e-3)
     np.testing.assert_allclose(curves["float16"], curves["float32"], rtol=0, atol=2e-3)
 
@@ -156,9 +167,9 @@ def test_fp16_with_loss_scaling_follows_bf16_and_fp32(setup):
 # ---------------------------------------------------------------- optimizer numerics
 
 
-def test_grad_accumulation_equals_the_full_batch(setup):
+def test_grad_accumulation_equals_the_full_batch(setup, fp32_metrics):
     windows, params, mesh = setup
-    cfg = tiny_config("train.steps=30", *BASE)
+    cfg = tiny_config(*BASE)
     graphdef, _ = abstract_model(cfg.model)
     loss_and_grad = jax.value_and_grad(make_loss_fn(graphdef))
     batch = to_global_batch(windows[0], None)
@@ -168,8 +179,8 @@ def test_grad_accumulation_equals_the_full_batch(setup):
     for a, b in zip(jax.tree.leaves(accum[1]), jax.tree.leaves(full[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
     # and through the compiled step: same loss and gradient norm, three steps in
-    _, _, m1 = _run(cfg, windows[:3], params, mesh)
-    _, _, m4 = _run(tiny_config("train.steps=30", *BASE, "train.grad_accum_steps=4"), windows[:3], params, mesh)
+    m1 = fp32_metrics[:3]
+    _, _, m4 = _run(tiny_config(*BASE, "train.grad_accum_steps=4"), windows[:3], params, mesh)
     np.testing.assert_allclose([m["loss"] for m in m4], [m["loss"] for m in m1], rtol=1e-5)
     np.testing.assert_allclose([m["grad_norm"] for m in m4], [m["grad_norm"] for m in m1], rtol=1e-4)
 
