@@ -227,17 +227,25 @@ def _model_diff(saved: Config, cfg: Config) -> list[str]:
 def _resume(
     trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
 ) -> tuple[TrainState, int] | None:
-    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set it aside).
+    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set them aside).
 
-    A checkpoint whose files cannot be read is renamed ``N.corrupt`` with a one-line warning and the
-    next older one is tried. A run directory holding a different model is refused (ConfigError)
-    unless ``force``, which moves its checkpoints into a ``superseded-*`` folder and starts afresh.
+    Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
+    older one has restored. When none restores (more likely a changed setup than corruption)
+    nothing is renamed and the run is refused unless ``force``. A directory holding a different
+    model is refused (ConfigError) unless ``force``, which moves its checkpoints into a
+    ``superseded-*`` folder and starts afresh.
     """
+    bad: list[tuple[int, ConfigError]] = []
+
+    def start_afresh(why: str) -> None:
+        where = ckpt.set_aside("superseded")
+        say(f"warning: {why}; moved its checkpoints to '{where}', starting afresh")
+
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
             saved = ckpt.read_config(step)
         except ConfigError as e:
-            say(f"warning: {e}; set aside as {ckpt.quarantine(step).name}, trying an older step")
+            bad.append((step, e))
             continue
         diff = _model_diff(saved, cfg)
         if diff and not force:
@@ -246,13 +254,21 @@ def _resume(
                 f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
             )
         if diff:
-            where = ckpt.set_aside("superseded")
-            say(f"warning: the run in '{ckpt.directory}' had a different model; moved it to '{where}', starting afresh")
+            start_afresh(f"the run in '{ckpt.directory}' had a different model")
             return None
         try:
-            return trainer.restore(ckpt, step)
+            restored = trainer.restore(ckpt, step)
         except ConfigError as e:
-            say(f"warning: {e}; set aside as {ckpt.quarantine(step).name}, trying an older step")
+            bad.append((step, e))
+            continue
+        for bad_step, e in bad:
+            say(f"warning: {e}; set aside as {ckpt.quarantine(bad_step).name}, resuming from an older step")
+        return restored
+    if bad and not force:
+        raise ConfigError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
+                          "checkpoint.dir, or --force to set them aside")
+    if bad:
+        start_afresh(f"no checkpoint in '{ckpt.directory}' can be restored")
     return None
 
 

@@ -282,6 +282,19 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_previous_good_step(referenc
     assert (run / "20.corrupt").is_dir() and (run / "16.corrupt").is_dir() and _committed(run) == [12, 16, 20]
 
 
+def test_when_no_checkpoint_restores_nothing_is_renamed_and_the_run_refused(reference, tmp_path):
+    ref_run, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run)
+    for step in (12, 16, 20):
+        _garble(run / str(step), truncate=step == 20)
+    before = _tree_digest(run)
+    cfg = tiny_config(*RUN_ARGS[2:], f"checkpoint.dir={run}")
+    with pytest.raises(jaxlm.ConfigError, match=r"^no checkpoint in .* can be restored \(checkpoint step 20 .*--force"):
+        jaxlm.train(cfg, log=lambda _: None)
+    assert _tree_digest(run) == before
+
+
 def _tree_digest(root: pathlib.Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
