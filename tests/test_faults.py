@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, tree_checksum
 from jaxlm.config import MeshConfig
 from jaxlm.data import WindowSampler, load_tokenizer, to_global_batch, tokenize_corpus
 from jaxlm.train import Trainer, TrainingDiverged
@@ -199,7 +199,7 @@ def _final_checksums(run):
 
 
 @pytest.mark.slow
-def test_sigterm_kill9_during_save_and_sigint_resume_bit_identical(reference, tmp_path):
+def test_sigterm_then_kill9_during_save_resume_bit_identical(reference, tmp_path):
     ref_run, ref_lines = reference
     run = tmp_path / "run"
     rng = random.Random()
@@ -233,19 +233,10 @@ def test_sigterm_kill9_during_save_and_sigint_resume_bit_identical(reference, tm
     assert _committed(run) == [last_good]
     seen.update(_step_lines(live.lines))
 
-    # 3. resume past the torn save (it is ignored), SIGINT a few steps later
-    live = _Live(*args)
-    live.wait_for_step(last_good + rng.randint(1, 3))
-    assert f"resumed from step {last_good} in {run}" in live.lines
-    live.proc.send_signal(signal.SIGINT)
-    assert live.finish() == 0, "\n".join(live.lines)
-    stopped = int(re.search(r"received SIGINT at step (\d+)", "\n".join(live.lines)).group(1))
-    seen.update(_step_lines(live.lines))
-
-    # 4. run to the end
+    # 3. resume past the torn save (it is ignored) and run to the end
     r = _run(*args)
     assert r.returncode == 0, r.stderr
-    assert f"resumed from step {stopped}" in r.stdout
+    assert f"resumed from step {last_good} in {run}" in r.stdout
     seen.update(_step_lines(r.stdout.splitlines()))
 
     assert sorted(seen) == list(range(1, 21))
@@ -258,9 +249,9 @@ def _garble(step_dir: pathlib.Path, truncate: bool) -> None:
     data = bytearray(big.read_bytes())
     if truncate:
         data = data[: len(data) // 2]
-    else:
-        for i in np.random.default_rng(0).integers(64, len(data) - 64, 16):
-            data[i] ^= 0x5A
+    else:  # flip 256 bytes in the middle of the largest data file: array values, not its framing
+        mid = len(data) // 2
+        data[mid : mid + 256] = bytes(b ^ 0x5A for b in data[mid : mid + 256])
     big.write_bytes(bytes(data))
 
 
@@ -295,6 +286,18 @@ def test_when_no_checkpoint_restores_nothing_is_renamed_and_the_run_refused(refe
     assert _tree_digest(run) == before
 
 
+def test_checksum_sees_one_changed_bit_and_a_swap():
+    tree = {"a": jax.random.normal(jax.random.key(0), (4, 8)), "b": {"c": jax.random.randint(jax.random.key(1), (5,), 0, 9)}}
+    base = tree_checksum(tree)
+    assert tree_checksum(jax.tree.map(lambda x: x + 0, tree)) == base
+    flipped = np.asarray(tree["a"]).copy()
+    flipped.view(np.uint32)[2, 3] ^= 1  # the lowest mantissa bit of one element
+    assert tree_checksum({**tree, "a": flipped}) != base
+    swapped = np.asarray(tree["a"]).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert tree_checksum({**tree, "a": swapped}) != base
+
+
 def _tree_digest(root: pathlib.Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
@@ -314,7 +317,7 @@ def test_incompatible_run_directory_refused_unless_force(reference, tmp_path):
 
     r = _run(*RUN_ARGS, f"checkpoint.dir={run}", "model.mlp_dim=128", "train.steps=2", "--force")
     assert r.returncode == 0, r.stderr
-    assert "moved it to" in r.stdout and "resumed" not in r.stdout
+    assert "moved its checkpoints to" in r.stdout and "resumed" not in r.stdout
     (aside,) = [p for p in run.iterdir() if p.name.startswith("superseded-")]
     assert _tree_digest(aside) == before  # the old run is kept whole, only moved
     assert _committed(run) == [2]
