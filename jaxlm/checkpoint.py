@@ -4,19 +4,26 @@ A checkpoint at step ``N`` holds three items:
 
 * ``params``    - the model parameters (``nnx.State``), float32 master weights;
 * ``opt_state`` - the optax state (moments, counters);
-* ``meta``      - JSON: the step, the data position (batches consumed) and the full run config.
+* ``meta``      - JSON: the step, the data position (batches consumed), the full run config and
+  a checksum of each array tree, checked on restore (a garbled file fails loudly, not silently).
 
 Saves are asynchronous and atomic (a save cut short is left as ``N.orbax-checkpoint-tmp`` and
-ignored on restore). Restoring takes an abstract target whose shardings describe the *current*
-mesh, so a checkpoint written on one layout loads onto another.
+ignored on restore); old steps are deleted only after a newer save has committed, so the keep
+policy never removes the last good checkpoint. A step found unreadable can be set aside as
+``N.corrupt`` (:meth:`Checkpointer.quarantine`), which the step listing ignores. Restoring takes
+an abstract target whose shardings describe the *current* mesh, so a checkpoint written on one
+layout loads onto another.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+import time
+from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
@@ -24,6 +31,30 @@ from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 []: sum over elements of (bit pattern * (2 * flat index + 1)), wrapping mod 2**32.
+
+    Integer sums are exact in any order, so the value is the same on every mesh layout.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for dim in range(x.ndim):
+        index = index * jnp.uint32(x.shape[dim]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim)
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _tree_checksums(tree: Any) -> list[jax.Array]:
+    return [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
+
+
+def tree_checksum(tree: Any) -> int:
+    """One integer fingerprint of every array in ``tree`` (values, dtypes' bits and positions)."""
+    sums = np.asarray(jax.device_get(_tree_checksums(tree)), dtype=np.uint64)
+    weights = np.arange(1, len(sums) + 1, dtype=np.uint64) * np.uint64(0x9E3779B1)
+    return int(np.sum(sums * weights, dtype=np.uint64) % np.uint64(2**61 - 1))
 
 
 class Checkpointer:
@@ -43,21 +74,42 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, data_position: int, config: Config) -> None:
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first (torn ``*.orbax-checkpoint-tmp`` saves are not listed)."""
+        return sorted(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        params: Any,
+        opt_state: Any,
+        data_position: int,
+        config: Config,
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> None:
         """Start writing step ``step`` (returns once the arrays are copied off the devices).
 
+        ``extra_meta`` (JSON-able) is stored beside the step, data position and config.
         ``opt_state=None`` writes a params-only checkpoint (an imported model) that serves
         ``restore`` and ``generate`` but cannot resume training.
         """
-        meta = {"step": step, "data_position": data_position, "config": config.to_dict()}
+        meta = {"step": step, "data_position": data_position, "config": config.to_dict(), **(extra_meta or {})}
+        meta["checksums"] = {"params": tree_checksum(params)}
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
+            meta["checksums"]["opt_state"] = tree_checksum(opt_state)
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step_or_latest(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: {_first_line(e)}") from e
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: incomplete metadata")
+        return meta
 
     def read_config(self, step: int | None = None) -> Config:
         return config_from_dict(self.read_meta(step)["config"])
@@ -80,10 +132,41 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state, opt_shardings))
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {first}") from e
+        except Exception as e:  # noqa: BLE001 - missing, truncated or garbled files all land here
+            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {_first_line(e)}") from e
+        saved = out["meta"].get("checksums", {})
+        for name in ("params", "opt_state"):
+            if name in out and name in saved and tree_checksum(out[name]) != saved[name]:
+                raise ConfigError(
+                    f"checkpoint step {step} in '{self.directory}' cannot be restored: its {name} do not match "
+                    "the checksum written with them (a file was corrupted)"
+                )
         return out["params"], out.get("opt_state"), out["meta"]
+
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Rename an unreadable step ``N`` to ``N.corrupt`` (kept for inspection, no longer listed)."""
+        self.manager.wait_until_finished()
+        target = self.directory / f"{step}.corrupt"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{step}.corrupt{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
+    def set_aside(self, prefix: str) -> pathlib.Path:
+        """Move every step (committed or torn) into a new ``<prefix>-<time>`` folder; nothing is deleted."""
+        self.manager.wait_until_finished()
+        target = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{n}", n + 1
+        target.mkdir()
+        for p in self.directory.iterdir():
+            if p.name.split(".")[0].isdigit():
+                p.rename(target / p.name)
+        self.manager.reload()
+        return target
 
     def _step_or_latest(self, step: int | None) -> int:
         if step is None:
@@ -99,6 +182,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].split(" See full TensorStore details")[0] if text else type(e).__name__
 
 
 def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = None):

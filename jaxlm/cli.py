@@ -1,6 +1,6 @@
 """The ``jaxlm`` command line. Thin: parse arguments, then call the library.
 
-    jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...]   # e.g. configs/layouts/fsdp_tp.yaml
+    jaxlm train CONFIG [LAYOUT.yaml ...] [section.key=value ...] [--force]   # e.g. configs/layouts/fsdp_tp.yaml
     jaxlm generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N ...]
     jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
     jaxlm generate --checkpoint DIR --chat --prompt TEXT          # instruct models: the model's chat template
@@ -24,12 +24,18 @@ def _train(args: argparse.Namespace) -> None:
 
     distributed.initialize()  # joins a multi-process launch; before anything touches a device
     cfg = jaxlm.load_config(args.config, args.overrides)
-    result = jaxlm.train(cfg)
+    result = jaxlm.train(cfg, force=args.force)
     distributed.finish()
-    if jax.process_index() == 0:
-        if cfg.checkpoint.dir:
-            print(f"checkpoint: {cfg.checkpoint.dir} (step {cfg.train.steps})")
-        print(f"validation loss: {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
+    if jax.process_index() != 0:
+        return
+    if result.stopped_by is not None:
+        last = int(result.history[-1]["step"]) if result.history else "?"
+        where = f"checkpoint: {cfg.checkpoint.dir} (step {last}); " if cfg.checkpoint.dir else ""
+        print(f"stopped by {result.stopped_by}; {where}run the same command to resume")
+        return
+    if cfg.checkpoint.dir:
+        print(f"checkpoint: {cfg.checkpoint.dir} (step {cfg.train.steps})")
+    print(f"validation loss: {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order, e.g. configs/layouts/fsdp_tp.yaml train.steps=100")
+    t.add_argument(
+        "--force", action="store_true",
+        help="start afresh even if checkpoint.dir holds a different model (its checkpoints are moved aside)",
+    )
     t.set_defaults(fn=_train)
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run directory written by `jaxlm train`")
@@ -154,12 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxlm.config import ConfigError
+    from jaxlm.train import TrainingDiverged
 
     try:
         args.fn(args)
     except ConfigError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"jaxlm: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

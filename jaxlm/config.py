@@ -95,6 +95,11 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     progress: bool = True
+    log_every: int = 0  # print a metrics line every N steps (0: never)
+    grad_accum_steps: int = 1  # microbatches per step (batch_size is split into this many)
+    max_consecutive_skips: int = 5  # stop after this many non-finite steps in a row
+    loss_scale_init: float = 32768.0  # float16 compute only: the first dynamic loss scale
+    loss_scale_period: int = 200  # float16 compute only: finite steps before the scale doubles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +274,18 @@ def validate(cfg: Config) -> Config:
     for name in ("steps", "batch_size", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"config key 'train.{name}' must be positive, got {getattr(t, name)}")
+    for name in ("grad_accum_steps", "max_consecutive_skips", "loss_scale_period"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"config key 'train.{name}' must be positive, got {getattr(t, name)}")
+    if t.log_every < 0:
+        raise ConfigError(f"config key 'train.log_every' must be >= 0 (0 turns it off), got {t.log_every}")
+    if t.loss_scale_init < 1.0:
+        raise ConfigError(f"config key 'train.loss_scale_init' must be >= 1, got {t.loss_scale_init}")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; "
+            "each microbatch must have the same size"
+        )
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
     if cfg.data.seq_len < 2:

@@ -4,12 +4,19 @@
 state's shardings and the state donated. The loop feeds it deterministic batches, shows a
 progress bar, evaluates held-out loss, and saves asynchronous checkpoints that a later run
 resumes from bit for bit.
+
+Faults: a step whose loss or gradients are not finite is skipped inside the compiled step
+(parameters and optimizer state stay as they were; see :class:`TrainState` for the counters) and
+logged; ``train.max_consecutive_skips`` such steps in a row stop the run with
+:class:`TrainingDiverged`. SIGTERM or SIGINT saves a checkpoint at the current step and returns;
+an unreadable latest checkpoint is set aside with a warning and the previous one is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import signal
+import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -25,47 +32,135 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.model import Transformer
-from jaxlm.optim import learning_rate_schedule, make_optimizer
+from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
+from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
 from sharding.mesh import make_mesh
 from sharding.pipeline import bubble_fraction, num_stages
-from sharding.rules import logical_sharding, mesh_axis_size, LOGICAL_RULES
+from sharding.rules import constrain, logical_sharding, mesh_axis_size, LOGICAL_RULES
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradients; the run stopped."""
 
 
 class TrainState(NamedTuple):
-    step: jax.Array  # int32 [], number of updates applied
+    """What one step reads and writes.
+
+    ``step`` counts the batches consumed, skipped steps included, so the loop, the data position
+    and checkpoint numbers move together. A skipped step changes neither ``params`` nor
+    ``opt_state``: the optimizer's own counter (its learning-rate schedule position and bias
+    correction) counts applied updates only.
+    """
+
+    step: jax.Array  # int32 [], batches consumed (skipped steps included)
     params: nnx.State  # float32 master weights
     opt_state: optax.OptState
+    loss_scale: LossScale  # dynamic loss scale (float16 compute; constant 1 otherwise)
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy in float32; with ``mask_BxT`` (float 0/1) the mean over tokens where it is 1."""
+def cross_entropy_sum(
+    logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross-entropy, tokens counted), float32; ``mask_BxT`` (0/1) selects tokens."""
     logits = logits_BxTxV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
     if mask_BxT is None:
-        return jnp.mean(lse - target_logit)
+        return jnp.sum(lse - target_logit), jnp.float32(targets_BxT.size)
     mask = mask_BxT.astype(jnp.float32)
-    return jnp.sum((lse - target_logit) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum((lse - target_logit) * mask), jnp.sum(mask)
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy in float32; with ``mask_BxT`` (float 0/1) the mean over tokens where it is 1."""
+    total, count = cross_entropy_sum(logits_BxTxV, targets_BxT, mask_BxT)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _loss_sum_fn(graphdef: nnx.GraphDef):
+    def loss_sum(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch["inputs"], batch["positions"], segment_ids_BxT=batch.get("segment_ids"))
+        return cross_entropy_sum(logits, batch["targets"], batch.get("loss_mask"))
+
+    return loss_sum
 
 
 def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
+    """``(params, batch) -> mean loss`` over the batch's counted tokens."""
+    loss_sum = _loss_sum_fn(graphdef)
+
     def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-        model = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], batch["positions"], segment_ids_BxT=batch.get("segment_ids"))
-        return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        total, count = loss_sum(params, batch)
+        return total / jnp.maximum(count, 1.0)
 
     return loss_fn
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule):
-    loss_fn = make_loss_fn(graphdef)
+def _counted_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    mask = batch.get("loss_mask")
+    count = jnp.float32(batch["targets"].size) if mask is None else jnp.sum(mask.astype(jnp.float32))
+    return jnp.maximum(count, 1.0)
+
+
+def _constrain_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: constrain(v, ("batch", "seq")) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    policy: Policy,
+    grad_accum_steps: int = 1,
+):
+    """The pure step: (loss-scaled) gradients accumulated over microbatches, then a guarded update.
+
+    Metrics: ``loss`` (unscaled, float32), ``grad_norm`` (float32), ``lr`` (the schedule at
+    ``state.step``; after skipped steps the optimizer's own count, which sets the rate applied,
+    lags by the number skipped), ``skipped`` (int32 1 when the update was dropped for a non-finite
+    loss or gradient) and ``loss_scale`` (the scale this step used).
+    """
+    loss_sum = _loss_sum_fn(graphdef)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        scale = state.loss_scale.scale
+        # Each microbatch's summed loss over the whole batch's token count, times the number of
+        # microbatches (which the accumulation's mean divides out): the loss and gradient equal
+        # the full batch's mean over counted tokens exactly, whatever the loss masks hold.
+        norm = grad_accum_steps / _counted_tokens(batch)
+
+        def loss_fn(params, mb):
+            return loss_sum(params, mb)[0] * norm
+
+        def scaled_loss(params, mb):
+            loss = loss_fn(params, mb)
+            return loss * scale, loss
+
+        def loss_and_grad(params, mb):
+            if not policy.loss_scaling:
+                return jax.value_and_grad(loss_fn)(params, mb)
+            (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, mb)
+            return loss, grads
+
+        loss, grads = accumulate_gradients(loss_and_grad, state.params, batch, grad_accum_steps, _constrain_batch)
+        if policy.loss_scaling:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        keep_new = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep_new, params, state.params)
+        opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
+        loss_scale = update_loss_scale(state.loss_scale, finite, policy)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "skipped": (~finite).astype(jnp.int32),
+            "loss_scale": scale,
+        }
+        return TrainState(state.step + 1, params, opt_state, loss_scale), metrics
 
     return train_step
 
@@ -81,11 +176,19 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
                 f"{batch_axes} (mesh data*fsdp); pick a multiple of it"
             )
-        if num_stages(mesh) > 1 and cfg.train.batch_size % (batch_axes * cfg.model.pipeline_microbatches):
+        accum = cfg.train.grad_accum_steps
+        if (cfg.train.batch_size // accum) % batch_axes:
             raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} must be a multiple of model.pipeline_microbatches="
-                f"{cfg.model.pipeline_microbatches} times the data-parallel size {batch_axes}"
+                f"train.batch_size={cfg.train.batch_size} / train.grad_accum_steps={accum} is not divisible by "
+                f"the data-parallel size {batch_axes}; each microbatch must split evenly over the devices"
             )
+        micro = cfg.train.batch_size // accum
+        if num_stages(mesh) > 1 and micro % (batch_axes * cfg.model.pipeline_microbatches):
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} / train.grad_accum_steps={accum} must be a multiple of "
+                f"model.pipeline_microbatches={cfg.model.pipeline_microbatches} times the data-parallel size {batch_axes}"
+            )
+        self.policy = policy_for(cfg)
         self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
         self.schedule = learning_rate_schedule(cfg.train)
@@ -93,10 +196,11 @@ class Trainer:
         self.abstract_params = abstract
         self.abstract_opt_state = jax.eval_shape(self.tx.init, abstract)
         self.opt_shardings = like_param_shardings(self.abstract_opt_state, abstract, self.param_shardings, mesh)
-        self.shardings = TrainState(replicated(mesh), self.param_shardings, self.opt_shardings)
+        rep = replicated(mesh)
+        self.shardings = TrainState(rep, self.param_shardings, self.opt_shardings, LossScale(rep, rep))
         batch_sharding = logical_sharding(mesh, ("batch", "seq"))
         self._step = jax.jit(
-            make_train_step(self.graphdef, self.tx, self.schedule),
+            make_train_step(self.graphdef, self.tx, self.schedule, self.policy, accum),
             in_shardings=(self.shardings, batch_sharding),
             out_shardings=(self.shardings, replicated(mesh)),
             donate_argnums=0,
@@ -108,7 +212,13 @@ class Trainer:
         params = jax.device_put(params, self.param_shardings)
         with jax.set_mesh(self.mesh):
             opt_state = self._init_opt(params)
-        return TrainState(jax.device_put(jnp.int32(0), replicated(self.mesh)), params, opt_state)
+        return TrainState(jax.device_put(jnp.int32(0), replicated(self.mesh)), params, opt_state, self._loss_scale())
+
+    def _loss_scale(self, saved: dict | None = None) -> LossScale:
+        ls = init_loss_scale(self.policy)
+        if saved is not None and self.policy.loss_scaling:
+            ls = LossScale(jnp.float32(saved["scale"]), jnp.int32(saved["good_steps"]))
+        return jax.device_put(ls, replicated(self.mesh))
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):
@@ -127,8 +237,15 @@ class Trainer:
         params, opt_state, meta = ckpt.restore(
             self.abstract_params, self.param_shardings, self.abstract_opt_state, self.opt_shardings, step=step
         )
-        state = TrainState(jax.device_put(jnp.int32(meta["step"]), replicated(self.mesh)), params, opt_state)
+        step_array = jax.device_put(jnp.int32(meta["step"]), replicated(self.mesh))
+        state = TrainState(step_array, params, opt_state, self._loss_scale(meta.get("loss_scale")))
         return state, int(meta["data_position"])
+
+    def save(self, ckpt: Checkpointer, step: int, state: TrainState, data_position: int) -> None:
+        """Start an asynchronous save of ``state`` (which is at ``step``)."""
+        scale, good = jax.device_get((state.loss_scale.scale, state.loss_scale.good_steps))
+        extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)}}
+        ckpt.save(step, state.params, state.opt_state, data_position, self.cfg, extra_meta=extra)
 
 
 @dataclasses.dataclass
@@ -136,21 +253,85 @@ class TrainResult:
     model: Transformer
     history: list[dict[str, float]]  # one entry per step: step, loss, grad_norm, lr, tokens_per_s
     val_loss_before: float
-    val_loss_after: float
+    val_loss_after: float  # nan when the run was stopped by a signal (no final evaluation)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
+    skipped_steps: tuple[int, ...] = ()  # steps whose update was dropped (non-finite loss or grads)
 
 
 def _evaluate(trainer: Trainer, params: nnx.State, batches: list[dict[str, jax.Array]]) -> float:
     return float(np.mean([float(trainer.loss(params, b)) for b in batches]))
 
 
-def _check_resumable(ckpt: Checkpointer, cfg: Config) -> None:
-    saved = ckpt.read_config()
-    if saved.model != cfg.model:
-        diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
-        raise ConfigError(
-            f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
-            f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir"
-        )
+def _model_diff(saved: Config, cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+
+
+def _resume(
+    trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
+) -> tuple[TrainState, int] | None:
+    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set them aside).
+
+    Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
+    older one has restored. When none restores (more likely a changed setup than corruption)
+    nothing is renamed and the run is refused unless ``force``. A directory holding a different
+    model is refused (ConfigError) unless ``force``, which moves its checkpoints into a
+    ``superseded-*`` folder and starts afresh.
+    """
+    bad: list[tuple[int, ConfigError]] = []
+
+    def start_afresh(why: str) -> None:
+        where = ckpt.set_aside("superseded")
+        say(f"warning: {why}; moved its checkpoints to '{where}', starting afresh")
+
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            saved = ckpt.read_config(step)
+        except ConfigError as e:
+            bad.append((step, e))
+            continue
+        diff = _model_diff(saved, cfg)
+        if diff and not force:
+            raise ConfigError(
+                f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
+                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
+            )
+        if diff:
+            start_afresh(f"the run in '{ckpt.directory}' had a different model")
+            return None
+        try:
+            restored = trainer.restore(ckpt, step)
+        except ConfigError as e:
+            bad.append((step, e))
+            continue
+        for bad_step, e in bad:
+            say(f"warning: {e}; set aside as {ckpt.quarantine(bad_step).name}, resuming from an older step")
+        return restored
+    if bad and not force:
+        raise ConfigError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
+                          "checkpoint.dir, or --force to set them aside")
+    if bad:
+        start_afresh(f"no checkpoint in '{ckpt.directory}' can be restored")
+    return None
+
+
+def _install_stop_handlers(stop: list[str]) -> Callable[[], None]:
+    """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers.
+
+    A second SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signums = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in signums}
+
+    def handler(signum, _frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+
+    for s in signums:
+        signal.signal(s, handler)
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
 def train(
@@ -159,11 +340,15 @@ def train(
     *,
     mesh: Mesh | None = None,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> TrainResult:
     """Train ``model`` (a fresh one when None) for ``cfg.train.steps`` steps on ``mesh``.
 
     With ``cfg.checkpoint.dir`` set, saves every ``save_every`` steps and at the end, and resumes
-    from the latest checkpoint found there (parameters, optimizer and data position).
+    from the newest readable checkpoint found there (parameters, optimizer, loss scale and data
+    position). ``force`` starts afresh in a directory holding a different model, after moving its
+    checkpoints aside. SIGTERM/SIGINT save the current step and return early (``stopped_by``);
+    too many non-finite steps in a row raise :class:`TrainingDiverged`.
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
@@ -180,9 +365,9 @@ def train(
         say(f"pipeline: {P} stages x {M} microbatches, bubble {bubble_fraction(P, M):.0%} of stage time")
 
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint) if cfg.checkpoint.dir else None
-    if ckpt is not None and ckpt.latest_step() is not None:
-        _check_resumable(ckpt, cfg)
-        state, position = trainer.restore(ckpt)
+    resumed = _resume(trainer, ckpt, cfg, force, say) if ckpt is not None else None
+    if resumed is not None:
+        state, position = resumed
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     else:
         if model is None:
@@ -200,6 +385,7 @@ def train(
     first = int(state.step)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     history: list[dict[str, float]] = []
+    skipped: list[int] = []
     bar = None
     if is_main and t.progress:
         from tqdm.auto import tqdm
@@ -207,6 +393,13 @@ def train(
         bar = tqdm(total=t.steps, initial=first, desc="train", dynamic_ncols=True)
     pending: tuple[int, dict[str, jax.Array]] | None = None
     last_time = time.perf_counter()
+    last_saved = first if resumed is not None else None
+
+    def show(message: str) -> None:
+        if bar is not None:
+            bar.write(message)  # printed above the bar, not into it
+        else:
+            say(message)
 
     def record(step: int, metrics: dict[str, jax.Array]) -> None:
         nonlocal last_time
@@ -214,37 +407,64 @@ def train(
         now = time.perf_counter()
         values.update(step=step, tokens_per_s=tokens_per_step / max(now - last_time, 1e-9))
         last_time = now
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss is {values['loss']} at step {step}")
         history.append(values)
+        if values["skipped"]:
+            skipped.append(step)
+            in_a_row = next((i for i, h in enumerate(reversed(history)) if not h["skipped"]), len(history))
+            show(
+                f"step {step}: non-finite loss or gradients (loss {values['loss']}), update skipped "
+                f"({in_a_row} in a row, {len(skipped)} in all)"
+            )
+            if in_a_row >= t.max_consecutive_skips:
+                where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved else ""
+                raise TrainingDiverged(
+                    f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss or gradients "
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; "
+                    "lower train.learning_rate or check the data"
+                )
+        if t.log_every and step % t.log_every == 0:
+            line = f"step {step}: loss {values['loss']:.9g} grad_norm {values['grad_norm']:.6g} lr {values['lr']:.6g}"
+            show(line + (f" loss_scale {values['loss_scale']:g}" if trainer.policy.loss_scaling else ""))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
 
-    for step in range(first + 1, t.steps + 1):
-        batch = to_global_batch(sampler.batch(position), mesh)
-        position += 1
-        state, metrics = trainer.step(state, batch)
-        if pending is not None:  # read the previous step's metrics while this one runs
+    stop: list[str] = []
+    restore_handlers = _install_stop_handlers(stop)
+    try:
+        for step in range(first + 1, t.steps + 1):
+            batch = to_global_batch(sampler.batch(position), mesh)
+            position += 1
+            state, metrics = trainer.step(state, batch)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                record(*pending)
+            pending = (step, metrics)
+            stopping = bool(stop)  # read once: a signal landing below waits for the next step
+            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stopping):
+                trainer.save(ckpt, step, state, position)
+                last_saved = step
+            if stopping:
+                record(*pending)
+                pending = None
+                show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
+                break
+            if step % t.eval_every == 0 and step != t.steps:
+                record(*pending)
+                pending = None
+                show(f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}")
+        if pending is not None:
             record(*pending)
-        pending = (step, metrics)
-        if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps):
-            ckpt.save(step, state.params, state.opt_state, position, cfg)
-        if step % t.eval_every == 0 and step != t.steps:
-            record(*pending)
-            pending = None
-            message = f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}"
-            if bar is not None:
-                bar.write(message)  # printed above the bar, not into it
-            else:
-                say(message)
-    if pending is not None:
-        record(*pending)
-    if bar is not None:
-        bar.close()
-    val_after = _evaluate(trainer, state.params, val_batches)
-    say(f"validation loss after:  {val_after:.4f}")
-    if ckpt is not None:
-        ckpt.wait()
-        ckpt.close()
-    return TrainResult(nnx.merge(trainer.graphdef, state.params), history, val_before, val_after)
+    finally:
+        restore_handlers()
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+    val_after = float("nan") if stop else _evaluate(trainer, state.params, val_batches)
+    if not stop:
+        say(f"validation loss after:  {val_after:.4f}")
+    return TrainResult(
+        nnx.merge(trainer.graphdef, state.params), history, val_before, val_after,
+        stopped_by=stop[0] if stop else None, skipped_steps=tuple(skipped),
+    )
