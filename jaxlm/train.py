@@ -31,6 +31,7 @@ from jaxlm.build import abstract_model, build_model, like_param_shardings, repli
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
+from jaxlm.metrics import MetricsLog, device_memory_in_use, model_flops_per_token, peak_flops
 from jaxlm.model import Transformer
 from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
 from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
@@ -251,7 +252,7 @@ class Trainer:
 @dataclasses.dataclass
 class TrainResult:
     model: Transformer
-    history: list[dict[str, float]]  # one entry per step: step, loss, grad_norm, lr, tokens_per_s
+    history: list[dict[str, float]]  # per step: step, loss, grad_norm, lr, step_time_s, tokens_per_s (+ mfu, memory_bytes)
     val_loss_before: float
     val_loss_after: float  # nan when the run was stopped by a signal (no final evaluation)
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
@@ -384,6 +385,10 @@ def train(
 
     first = int(state.step)
     tokens_per_step = t.batch_size * cfg.data.seq_len
+    flops_per_step = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    device_peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
+    mesh_peak = None if device_peak is None else device_peak * mesh.size  # None: MFU not reported
+    metrics_log = MetricsLog(cfg.checkpoint.dir or None)  # metrics.jsonl + tensorboard/ beside the checkpoints
     history: list[dict[str, float]] = []
     skipped: list[int] = []
     bar = None
@@ -405,9 +410,16 @@ def train(
         nonlocal last_time
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        values.update(step=step, tokens_per_s=tokens_per_step / max(now - last_time, 1e-9))
+        step_time = max(now - last_time, 1e-9)  # between metric reads: includes compilation at first
+        values.update(step=step, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+        if mesh_peak is not None:
+            values["mfu"] = flops_per_step / step_time / mesh_peak
+        memory = device_memory_in_use()
+        if memory is not None:
+            values["memory_bytes"] = float(memory)
         last_time = now
         history.append(values)
+        metrics_log.write(step, values)
         if values["skipped"]:
             skipped.append(step)
             in_a_row = next((i for i, h in enumerate(reversed(history)) if not h["skipped"]), len(history))
@@ -427,7 +439,8 @@ def train(
             show(line + (f" loss_scale {values['loss_scale']:g}" if trainer.policy.loss_scaling else ""))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            extra = {"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else {}
+            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}", **extra)
 
     stop: list[str] = []
     restore_handlers = _install_stop_handlers(stop)
@@ -451,11 +464,14 @@ def train(
             if step % t.eval_every == 0 and step != t.steps:
                 record(*pending)
                 pending = None
-                show(f"step {step}: validation loss {_evaluate(trainer, state.params, val_batches):.4f}")
+                val = _evaluate(trainer, state.params, val_batches)
+                metrics_log.write(step, {"val_loss": val})
+                show(f"step {step}: validation loss {val:.4f}")
         if pending is not None:
             record(*pending)
     finally:
         restore_handlers()
+        metrics_log.close()
         if bar is not None:
             bar.close()
         if ckpt is not None:

@@ -76,3 +76,27 @@ def test_metrics_log_without_a_directory_writes_nothing(tmp_path):
     log.write(1, {"loss": 1.0})
     log.close()
     assert not log.enabled
+
+
+def test_training_writes_its_metrics_beside_the_checkpoints(tmp_path, devices, monkeypatch):
+    import sys
+
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.config import MeshConfig
+    from sharding.mesh import make_mesh
+
+    train_module = sys.modules["jaxlm.train"]
+    monkeypatch.setattr(train_module, "peak_flops", lambda kind, dtype: 1e12)  # as if on a 1 TFLOP/s device
+    run = tmp_path / "run"
+    cfg = tiny_config("train.steps=3", "train.warmup_steps=1", "train.eval_batches=1", f"checkpoint.dir={run}")
+    result = train_module.train(cfg, mesh=make_mesh(MeshConfig(), devices[:1]), log=lambda _: None)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    flops = model_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len
+    for line, h in zip(lines, result.history):
+        assert line["loss"] == h["loss"] and np.isfinite(line["loss"])
+        np.testing.assert_allclose(line["mfu"], flops / line["step_time_s"] / 1e12, rtol=1e-9)
+    assert _tensorboard_scalars(run / "tensorboard")["train/loss"] == [(h["step"], pytest.approx(h["loss"])) for h in result.history]
+    ckpt = Checkpointer(run, create=False)  # the metrics files do not disturb the checkpoints
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
