@@ -46,6 +46,9 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
+RUN_LOGS = ("metrics.jsonl", "tensorboard")  # written beside the checkpoints by jaxlm.train
+
+
 def _tree_checksums(tree: Any) -> list[jax.Array]:
     return [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
 
@@ -155,7 +158,8 @@ class Checkpointer:
         return target
 
     def set_aside(self, prefix: str) -> pathlib.Path:
-        """Move every step (committed or torn) into a new ``<prefix>-<time>`` folder; nothing is deleted."""
+        """Move the run (every step, committed or torn, and its metrics logs) into a new
+        ``<prefix>-<time>`` folder; nothing is deleted. Earlier set-aside folders stay where they are."""
         self.manager.wait_until_finished()
         target = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}"
         n = 1
@@ -163,7 +167,7 @@ class Checkpointer:
             target, n = self.directory / f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{n}", n + 1
         target.mkdir()
         for p in self.directory.iterdir():
-            if p.name.split(".")[0].isdigit():
+            if p.name.split(".")[0].isdigit() or p.name in RUN_LOGS:
                 p.rename(target / p.name)
         self.manager.reload()
         return target
