@@ -45,10 +45,10 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
-@jax.jit
 RUN_LOGS = ("metrics.jsonl", "tensorboard")  # written beside the checkpoints by jaxlm.train
 
 
+@jax.jit
 def _tree_checksums(tree: Any) -> list[jax.Array]:
     return [_leaf_checksum(x) for x in jax.tree.leaves(tree)]
 
