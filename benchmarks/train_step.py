@@ -59,7 +59,8 @@ def main() -> None:
     args = p.parse_args()
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
     rows = []
-    variants = [("scan", True, "none"), ("loop", False, "none"), ("scan", True, "full"), ("scan", True, "save_dots")]
+    variants = [("scan", True, "none"), ("loop", False, "none"), ("scan", True, "full"), ("scan", True, "save_dots"),
+                ("scan", True, "offload")]
     for layers in args.layers:
         for stacking, scan, remat in variants:
             if remat != "none" and layers != args.layers[-1]:

@@ -47,7 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"  # matmul inputs; softmax, norms and loss run in float32
     scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
-    remat: str = "none"  # none | full | save_dots
+    remat: str = "none"  # none | full | save_dots | offload (save_dots kept in host memory)
     attention_impl: str = "auto"  # auto | xla | pallas | cudnn  (see pallas_kernels.dispatch)
     matmul_impl: str = "auto"  # auto | xla | pallas  projections q/k/v/o, gate/up/down (pallas_kernels.dispatch)
     context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
@@ -79,8 +79,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with linear warmup then cosine decay, global-norm clipping."""
+    """Optimisation: AdamW (or Lion, Adafactor) with linear warmup then cosine decay, global-norm clipping."""
 
+    optimizer: str = "adamw"  # adamw | lion | adafactor
     steps: int = 300
     batch_size: int = 32  # global, across all devices
     seed: int = 0
@@ -142,7 +143,8 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "save_dots"),
+    "model.remat": ("none", "full", "save_dots", "offload"),
+    "train.optimizer": ("adamw", "lion", "adafactor"),
     "model.attention_impl": ("auto", "xla", "pallas", "cudnn"),
     "model.matmul_impl": ("auto", "xla", "pallas"),
     "model.context_impl": ("all_gather", "ring"),

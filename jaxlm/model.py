@@ -30,6 +30,8 @@ from sharding.rules import constrain
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save the matmul outputs, but in host memory: device memory of "full", less recomputation
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

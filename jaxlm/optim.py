@@ -85,14 +85,20 @@ def accumulate_gradients(
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(
-            learning_rate_schedule(cfg),
-            b1=cfg.beta1,
-            b2=cfg.beta2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        ),
-    )
+    """Global-norm clipping, then ``cfg.optimizer`` on the warmup + cosine schedule.
+
+    ``adamw`` and ``lion`` use ``beta1``/``beta2`` and decoupled weight decay (not on norms and
+    embeddings); ``adafactor`` keeps factored second moments (memory ~ rows + columns per matrix)
+    with its own decay rate, and the same weight-decay mask.
+    """
+    lr = learning_rate_schedule(cfg)
+    if cfg.optimizer == "lion":
+        core = optax.lion(lr, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    elif cfg.optimizer == "adafactor":
+        core = optax.adafactor(
+            lr, multiply_by_parameter_scale=False, weight_decay_rate=cfg.weight_decay,
+            weight_decay_mask=decay_mask,
+        )
+    else:
+        core = optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), core)

@@ -40,6 +40,7 @@ def test_all_shipped_configs_load():
         (["mesh.stage=3"], "model.num_layers=2 is not divisible by mesh.stage=3"),
         (["model.pipeline_microbatches=0"], "config key 'model.pipeline_microbatches' must be positive"),
         (["model.context_impl=rings"], "config key 'model.context_impl' is 'rings'; choose one of all_gather, ring"),
+        (["train.optimizer=sgd"], "config key 'train.optimizer' is 'sgd'; choose one of adamw, lion, adafactor"),
         (["model.attention_impl=flash"], "config key 'model.attention_impl' is 'flash'; choose one of auto, xla, pallas, cudnn"),
     ],
 )

@@ -56,7 +56,7 @@ def test_prefill_then_decode_equals_full_forward_ragged(model):
         assert _rel_err(logits, want) <= 1e-5, f"decode step {i}"
 
 
-@pytest.mark.parametrize("variant", [{"scan_layers": False}, {"remat": "full"}, {"remat": "save_dots"}])
+@pytest.mark.parametrize("variant", [{"scan_layers": False}, {"remat": "full"}, {"remat": "save_dots"}, {"remat": "offload"}])
 def test_layer_loop_and_remat_match_scan(model, variant):
     cfg = dataclasses.replace(model.cfg, **variant)
     other = nnx.merge(nnx.graphdef(build_model(cfg, seed=3)), nnx.state(model))

@@ -149,3 +149,14 @@ def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices)
     np.testing.assert_allclose(piped, single, rtol=2e-5)
     with pytest.raises(jaxlm.ConfigError, match="must be a multiple of model.pipeline_microbatches=4"):
         Trainer(cfg, make_mesh(MeshConfig(stage=2, fsdp=4), devices))
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "adafactor"])
+def test_other_optimizers_learn_and_shard_like_one_device(setup, devices, optimizer):
+    """Lion and Adafactor (factored moments shaped unlike their parameters) on one device and FSDP x TP."""
+    cfg, windows, params = setup
+    opt = cfg.replace(train=dataclasses.replace(cfg.train, optimizer=optimizer, learning_rate=1e-3))
+    single, _ = _losses(opt, windows, params, make_mesh(MeshConfig(), devices[:1]))
+    assert single[2] < single[0]
+    sharded, _ = _losses(opt, windows, params, make_mesh(MeshConfig(fsdp=4, tensor=2), devices))
+    np.testing.assert_allclose(sharded, single, rtol=2e-5)
