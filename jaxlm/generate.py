@@ -86,6 +86,19 @@ def model_mesh(model: Transformer) -> Mesh | None:
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
+def decoding_placement(model: Transformer, mesh: Mesh | None = None) -> tuple[Transformer, Mesh | None]:
+    """``(model, mesh)`` to decode on: ``mesh`` (default: the model's own) with any sequence axis
+    folded into ``data`` (one new token per step cannot be split along the sequence), and the
+    parameters placed on it. Folding keeps every device's shards, so the placement moves nothing."""
+    mesh = model_mesh(model) if mesh is None else mesh
+    if mesh is None or fold_sequence_axis(mesh) is mesh:
+        return model, mesh
+    mesh = fold_sequence_axis(mesh)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+    return nnx.merge(graphdef, state), mesh
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -102,12 +115,7 @@ def generate_tokens(
 
     Runs on ``mesh``, by default the mesh the model's parameters live on.
     """
-    mesh = model_mesh(model) if mesh is None else mesh
-    if mesh is not None and fold_sequence_axis(mesh) is not mesh:  # trained with the sequence split
-        mesh = fold_sequence_axis(mesh)
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
-        model = nnx.merge(graphdef, state)
+    model, mesh = decoding_placement(model, mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     n = len(prompts)

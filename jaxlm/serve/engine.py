@@ -31,12 +31,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
-from jaxlm.generate import model_mesh, sample_logits
+from jaxlm.generate import decoding_placement, sample_logits
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.metrics import EngineMetrics
 from jaxlm.serve.request import Output, Request, RequestError
-from sharding.mesh import fold_sequence_axis
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
 
@@ -126,12 +125,7 @@ class Engine:
                             ("prefill_batch", prefill_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        mesh = model_mesh(model) if mesh is None else mesh
-        if mesh is not None and fold_sequence_axis(mesh) is not mesh:  # decoding cannot split the sequence
-            mesh = fold_sequence_axis(mesh)
-            graphdef, state = nnx.split(model)
-            state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
-            model = nnx.merge(graphdef, state)
+        model, mesh = decoding_placement(model, mesh)
         self.mesh = mesh
         rows = 1 if mesh is None else mesh_axis_size(mesh, LOGICAL_RULES["batch"])
         self.cfg = model.cfg
