@@ -39,7 +39,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.flash_attention import _MASK_VALUE, _MIN_BLOCK, _is_power_of_two, _next_power_of_two
+from pallas_kernels.flash_attention import (
+    _MIN_BLOCK,
+    _is_power_of_two,
+    _next_power_of_two,
+    _pad_axis,
+    online_softmax_finish,
+    online_softmax_init,
+    online_softmax_step,
+)
 
 BLOCK_K = 64  # default key block (contiguous layout)
 NUM_SPLITS = 8  # default number of programs the sequence is split over, per (batch, kv head)
@@ -56,10 +64,6 @@ class _Config:
     @property
     def mask_kv_tail(self) -> bool:  # the last block runs past the cache: load it masked
         return not self.paged and self.kv_len % self.block_k != 0
-
-
-def _dot(a, b, *, contract_b: int = 0):
-    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _kernel(*refs, cfg: _Config):
@@ -88,39 +92,16 @@ def _kernel(*refs, cfg: _Config):
         return ref[rows, :]
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
         start = pl.multiple_of(lo + j * bk, bk)
         kv_idx = start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         mask = kv_idx[None, :] <= row_pos[:, None]  # [R, bk]
         if cfg.mask_kv_tail:
             mask = mask & (kv_idx < cfg.kv_len)[None, :]
-        k = load_block(j, k_ref, start)
-        v = load_block(j, v_ref, start)
-        s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)  # [R, bk] f32
-        s = jnp.where(mask, s, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-        return acc, m_next, l_next
+        k, v = load_block(j, k_ref, start), load_block(j, v_ref, start)
+        return online_softmax_step(carry, q, k, v, mask, cfg.sm_scale)
 
-    rows, d = q_ref.shape
-    acc0 = jnp.zeros((rows, d), jnp.float32)
-    m0 = jnp.full((rows,), _MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, num_blocks, body, (acc0, m0, l0))
-    l_safe = jnp.where(l == 0.0, 1.0, l)  # nothing seen: output 0 and lse ~ _MASK_VALUE
-    o_ref[...] = acc / l_safe[:, None]
-    lse_ref[...] = m + jnp.log(l_safe)
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
+    carry = lax.fori_loop(0, num_blocks, body, online_softmax_init(*q_ref.shape))
+    o_ref[...], lse_ref[...] = online_softmax_finish(*carry)  # nothing seen: output 0 and lse ~ mask value
 
 
 def _combine(o_BxKxNxRxD: jax.Array, lse_BxKxNxR: jax.Array) -> jax.Array:

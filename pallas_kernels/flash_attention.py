@@ -88,6 +88,34 @@ def _when_visible(mask, update, carry):
     return lax.cond(any_visible, update, lambda c: c, carry)
 
 
+def online_softmax_init(rows: int, head_dim: int):
+    """The empty running state ``(acc [rows, D], max [rows], normaliser [rows])``, float32."""
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def online_softmax_step(carry, q, k, v, mask, sm_scale: float):
+    """Fold one key block into the running state: ``q [rows, D]``, ``k/v [bk, D]``, ``mask [rows, bk]``."""
+    acc, m_prev, l_prev = carry
+    s = _dot(q, k, contract_b=1) * jnp.float32(sm_scale)  # [rows, bk] f32
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+
+def online_softmax_finish(acc, m, l):
+    """``(out [rows, D], lse [rows])`` float32; a row that saw no key gives 0 (not 0/0) and lse ~ mask value."""
+    l_safe = jnp.where(l == 0.0, 1.0, l)
+    return acc / l_safe[:, None], m + jnp.log(l_safe)
+
+
 def _compiler_params(head_dim: int):
     return plt.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
@@ -114,27 +142,14 @@ def _fwd_kernel(*refs, cfg: _Config, has_segments: bool, num_kv_blocks: int):
         mask = _visible(cfg, q_pos, kvpos_ref[kv_slice], q_seg, kv_seg, start)
 
         def update(carry):
-            acc, m_prev, l_prev = carry
-            k = k_ref[kv_slice, :]
-            v = v_ref[kv_slice, :]
-            s = _dot(q, k, contract_b=1) * jnp.float32(cfg.sm_scale)  # [bq, bk] f32
-            s = jnp.where(mask, s, _MASK_VALUE)
-            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-            alpha = jnp.exp(m_prev - m_next)
-            p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
-            l_next = alpha * l_prev + jnp.sum(p, axis=1)
-            acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-            return acc, m_next, l_next
+            return online_softmax_step(carry, q, k_ref[kv_slice, :], v_ref[kv_slice, :], mask, cfg.sm_scale)
 
         return _when_visible(mask, update, carry)
 
-    acc0 = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
-    m0 = jnp.full((bq,), _MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((bq,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, num_kv_blocks, body, (acc0, m0, l0))
-    l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that saw no key: output 0, not 0/0
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l_safe)
+    carry = lax.fori_loop(0, num_kv_blocks, body, online_softmax_init(bq, q_ref.shape[-1]))
+    out, lse = online_softmax_finish(*carry)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _segment_args(q_seg, kv_seg, q_spec, kv_spec):
