@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.reference import attention_reference
+from pallas_kernels.reference import attention_reference, gather_pages
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 # Set from the interpreter check in tests/test_flash_attention_mosaic.py (forward and gradient
@@ -197,12 +197,6 @@ def _pallas_decode(q, k_cache, v_cache, q_pos, page_table=None, *, interpret: bo
     return decode_attention(q, k_cache, v_cache, q_pos[:, -1] + 1, page_table_BxP=page_table, interpret=interpret)
 
 
-def _gather_pages(pool_NxPxKxD, page_table_BxP):
-    """Page pool -> each row's logical cache ``[batch, pages_per_seq * page_size, K, D]``."""
-    B, P = page_table_BxP.shape
-    return pool_NxPxKxD[page_table_BxP].reshape(B, P * pool_NxPxKxD.shape[1], *pool_NxPxKxD.shape[2:])
-
-
 def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl: str = "auto"):
     """The model's door to attention over a KV cache: ``[batch, T, heads, head_dim]`` in q's dtype.
 
@@ -219,7 +213,7 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl:
         name = "pallas"
     if name == "xla" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
         if page_table is not None:
-            k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
+            k_cache, v_cache = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
         S = k_cache.shape[1]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=q_positions.dtype), k_cache.shape[:2])
         return _attention(name, q, k_cache, v_cache, q_positions, kv_pos, None)

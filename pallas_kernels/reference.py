@@ -51,6 +51,12 @@ def attention_reference(
     return out_BxTxKxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
 
 
+def gather_pages(pool_NxPxKxD: jax.Array, page_table_BxP: jax.Array) -> jax.Array:
+    """Page pool ``[num_pages, page_size, K, D]`` -> each row's cache ``[batch, pages_per_seq * page_size, K, D]``."""
+    B, P = page_table_BxP.shape
+    return pool_NxPxKxD[page_table_BxP].reshape(B, P * pool_NxPxKxD.shape[1], *pool_NxPxKxD.shape[2:])
+
+
 def decode_attention_reference(
     q_BxTxHxD: jax.Array,
     k_cache_BxSxKxD: jax.Array,
@@ -69,10 +75,8 @@ def decode_attention_reference(
     ``pool[page_table[b, s // page_size], s % page_size]``.
     """
     if page_table_BxP is not None:
-        B, P = page_table_BxP.shape
-        _, page_size, K, D = k_cache_BxSxKxD.shape
-        k_cache_BxSxKxD = k_cache_BxSxKxD[page_table_BxP].reshape(B, P * page_size, K, D)
-        v_cache_BxSxKxD = v_cache_BxSxKxD[page_table_BxP].reshape(B, P * page_size, K, D)
+        k_cache_BxSxKxD = gather_pages(k_cache_BxSxKxD, page_table_BxP)
+        v_cache_BxSxKxD = gather_pages(v_cache_BxSxKxD, page_table_BxP)
     B, T = q_BxTxHxD.shape[:2]
     S = k_cache_BxSxKxD.shape[1]
     q_pos_BxT = lengths_B.astype(jnp.int32)[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
