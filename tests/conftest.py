@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -21,6 +22,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(*overrides: str):
     """configs/tiny.yaml, float32, with the given overrides."""
     return load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["train.progress=false", *overrides])
+
+
+def batches_and_params(cfg, n: int, model_seed: int = 0):
+    """The first ``n`` training batches of the embedded corpus for ``cfg`` and host copies of
+    freshly initialised parameters (seed ``model_seed``)."""
+    from flax import nnx
+
+    from jaxlm.build import build_model
+    from jaxlm.data import PackedLoader, load_splits, load_tokenizer
+
+    splits = load_splits(cfg.data, load_tokenizer())
+    loader = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
+    params = jax.device_get(nnx.state(build_model(cfg.model, seed=model_seed)))
+    return [loader.batch(i) for i in range(n)], params
+
+
+def random_qkv(seed, B, T, S, H, K, D, dtype=jnp.float32):
+    """Standard-normal q ``[B, T, H, D]`` and k, v ``[B, S, K, D]`` in ``dtype``."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
+    return q, k, v
 
 
 @pytest.fixture(scope="session")

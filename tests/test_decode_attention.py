@@ -22,17 +22,9 @@ from pallas_kernels.decode_attention import BLOCK_K, NUM_SPLITS, decode_attentio
 from pallas_kernels.dispatch import DECODE_MAX_QUERY_TOKENS, cached_attention
 from pallas_kernels.reference import decode_attention_reference
 from sharding.mesh import make_mesh
-from tests.conftest import tiny_config
+from tests.conftest import random_qkv, tiny_config
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-
-
-def _inputs(seed, B, T, S, H, K, D, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
-    return q, k, v
 
 
 def _kernel(q, k, v, lengths, **kw):
@@ -51,13 +43,13 @@ def _close(got, want, tol):
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_matches_reference_gqa_ragged(group, T):
     B, S, K, D = 3, 40, 2, 16  # S is not a multiple of the 16-key block
-    q, k, v = _inputs(group * 10 + T, B, T, S, K * group, K, D)
+    q, k, v = random_qkv(group * 10 + T, B, T, S, K * group, K, D)
     lengths = jnp.array([S, 5, 19], jnp.int32)  # full, shorter than a block, mid-block
     _close(_kernel(q, k, v, lengths), decode_attention_reference(q, k, v, lengths), TOL[jnp.float32])
 
 
 def test_bfloat16():
-    q, k, v = _inputs(1, 2, 3, 72, 8, 2, 32, jnp.bfloat16)
+    q, k, v = random_qkv(1, 2, 3, 72, 8, 2, 32, jnp.bfloat16)
     lengths = jnp.array([70, 9], jnp.int32)
     got = _kernel(q, k, v, lengths, num_splits=3)
     assert got.dtype == jnp.bfloat16
@@ -65,7 +57,7 @@ def test_bfloat16():
 
 
 def test_head_dim_padding_and_scale():
-    q, k, v = _inputs(2, 2, 2, 33, 4, 2, 24)  # head_dim 24 pads to 32
+    q, k, v = random_qkv(2, 2, 2, 33, 4, 2, 24)  # head_dim 24 pads to 32
     lengths = jnp.array([33, 12], jnp.int32)
     _close(_kernel(q, k, v, lengths, sm_scale=0.3), decode_attention_reference(q, k, v, lengths, sm_scale=0.3),
            TOL[jnp.float32])
@@ -73,7 +65,7 @@ def test_head_dim_padding_and_scale():
 
 def test_rows_that_see_nothing_are_zero_not_nan():
     T = 3
-    q, k, v = _inputs(3, 3, T, 40, 4, 2, 16)  # the shapes of test_matches_reference_gqa_ragged[2-3]
+    q, k, v = random_qkv(3, 3, T, 40, 4, 2, 16)  # the shapes of test_matches_reference_gqa_ragged[2-3]
     lengths = jnp.array([0, 2, 40], jnp.int32)  # row 0 sees nothing, row 1's first query neither
     got = np.asarray(_kernel(q, k, v, lengths))
     assert np.all(np.isfinite(got))
@@ -82,7 +74,7 @@ def test_rows_that_see_nothing_are_zero_not_nan():
 
 
 def test_split_count_does_not_change_the_result():
-    q, k, v = _inputs(4, 2, 3, 80, 8, 2, 16)
+    q, k, v = random_qkv(4, 2, 3, 80, 8, 2, 16)
     lengths = jnp.array([80, 37], jnp.int32)
     want = decode_attention_reference(q, k, v, lengths)
     outs = [np.asarray(_kernel(q, k, v, lengths, num_splits=n)) for n in (1, 2, 5)]
@@ -94,7 +86,7 @@ def test_split_count_does_not_change_the_result():
 def test_reads_no_block_past_the_length():
     """Cache blocks wholly past a sequence's length are never loaded: NaN there changes nothing."""
     B, T, S, H, K, D = 2, 3, 80, 8, 2, 16  # the shapes of test_split_count_does_not_change_the_result
-    q, k, v = _inputs(5, B, T, S, H, K, D)
+    q, k, v = random_qkv(5, B, T, S, H, K, D)
     lengths = jnp.array([21, 40], jnp.int32)  # the 16-blocks from index 48 on are past both
     idx = jnp.arange(S)[None, :, None, None]
     block_end = ((lengths + 15) // 16 * 16)[:, None, None, None]
@@ -106,7 +98,7 @@ def test_reads_no_block_past_the_length():
 @pytest.mark.parametrize("T, group, num_splits", [(1, 2, 1), (3, 4, 3)])
 def test_paged_matches_reference(T, group, num_splits):
     B, K, D, page_size, pages_per_seq, num_pages = 3, 2, 16, 16, 4, 14
-    q, _, _ = _inputs(6 + T, B, T, 1, K * group, K, D)
+    q, _, _ = random_qkv(6 + T, B, T, 1, K * group, K, D)
     kk, kv, kp = jax.random.split(jax.random.key(7), 3)
     k_pool = jax.random.normal(kk, (num_pages, page_size, K, D), jnp.float32)
     v_pool = jax.random.normal(kv, (num_pages, page_size, K, D), jnp.float32)
@@ -120,7 +112,7 @@ def test_paged_matches_reference(T, group, num_splits):
 
 
 def test_bad_arguments_raise_one_line():
-    q, k, v = _inputs(8, 1, 1, 16, 2, 1, 16)
+    q, k, v = random_qkv(8, 1, 1, 16, 2, 1, 16)
     lengths = jnp.array([4], jnp.int32)
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         decode_attention(q, k, v, lengths, block_k=24, interpret=True)
@@ -173,7 +165,7 @@ def test_lowers_to_triton_for_cuda(dtype):
 
 
 def _cached_inputs(seed, B, T, S, H, K, D, lengths):
-    q, k, v = _inputs(seed, B, T, S, H, K, D)
+    q, k, v = random_qkv(seed, B, T, S, H, K, D)
     positions = jnp.asarray(lengths, jnp.int32)[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]
     return q, k, v, positions
 

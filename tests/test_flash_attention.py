@@ -13,6 +13,7 @@ import pytest
 
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
+from tests.conftest import random_qkv
 
 BLOCK = 16
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -31,14 +32,6 @@ def _run(fn, q, k, v, kw):
 def _vjp(fn, q, k, v, ct, kw):
     out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
     return out, pullback(ct)
-
-
-def _inputs(seed, B, T, S, H, K, D, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
-    return q, k, v
 
 
 def _causal(B, T):
@@ -72,27 +65,27 @@ def _check_forward(q, k, v, kw):
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_forward_gqa_ragged_length(group):
     B, T, H, D = 2, 37, 8, 16  # 37 is not a multiple of the block: padded and masked
-    q, k, v = _inputs(group, B, T, T, H, H // group, D)
+    q, k, v = random_qkv(group, B, T, T, H, H // group, D)
     _check_forward(q, k, v, _causal(B, T))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_dtypes_and_head_dim(dtype):
     B, T, H, K, D = 1, 40, 4, 2, 32
-    q, k, v = _inputs(5, B, T, T, H, K, D, dtype)
+    q, k, v = random_qkv(5, B, T, T, H, K, D, dtype)
     _check_forward(q, k, v, _causal(B, T))
 
 
 def test_forward_pads_head_dim():
     B, T, H, K, D = 2, 24, 4, 1, 20  # head_dim 20 runs padded to 32
-    q, k, v = _inputs(6, B, T, T, H, K, D)
+    q, k, v = random_qkv(6, B, T, T, H, K, D)
     _check_forward(q, k, v, _causal(B, T))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_packed_documents(dtype):
     kw = _packed([[10, 20, 7], [37]])
-    q, k, v = _inputs(7, 2, 37, 37, 4, 2, 16, dtype)
+    q, k, v = random_qkv(7, 2, 37, 37, 4, 2, 16, dtype)
     _check_forward(q, k, v, kw)
     # kv segment ids default to the query's, as in the reference
     _check_forward(q, k, v, {**kw, "kv_segment_ids_BxS": None})
@@ -100,14 +93,14 @@ def test_forward_packed_documents(dtype):
 
 def test_forward_documents_do_not_leak():
     kw = _packed([[10, 20, 7], [37]])
-    q, k, v = _inputs(8, 2, 37, 37, 4, 2, 16)
+    q, k, v = random_qkv(8, 2, 37, 37, 4, 2, 16)
     v2 = v.at[0, 10:].set(jax.random.normal(jax.random.key(80), (27, 2, 16)))
     np.testing.assert_array_equal(_run(_kernel, q, k, v, kw)[0, :10], _run(_kernel, q, k, v2, kw)[0, :10])
 
 
 def test_forward_cached_decode():
     B, T, S, H, K, D = 2, 3, 40, 8, 2, 16
-    q, k, v = _inputs(9, B, T, S, H, K, D)
+    q, k, v = random_qkv(9, B, T, S, H, K, D)
     start = jnp.array([[20], [37]], jnp.int32)  # keys past the newest query are unwritten cache
     kw = {
         "q_positions_BxT": start + jnp.arange(T, dtype=jnp.int32)[None, :],
@@ -125,7 +118,7 @@ def test_forward_cached_decode():
 )
 def test_gradients_match_reference(group, T, packed):
     B, H, D = 2, 8, 16
-    q, k, v = _inputs(10 + group, B, T, T, H, H // group, D)
+    q, k, v = random_qkv(10 + group, B, T, T, H, H // group, D)
     ct = jax.random.normal(jax.random.key(99), q.shape, q.dtype)  # a random cotangent
     kw = _packed([[10, 20, 7], [37]]) if packed else _causal(B, T)
     out, grads = _vjp(_kernel, q, k, v, ct, kw)
@@ -138,7 +131,7 @@ def test_gradients_match_reference(group, T, packed):
 
 def test_fully_masked_row_is_zero_not_nan():
     B, T, H, K, D = 1, 20, 4, 2, 16
-    q, k, v = _inputs(12, B, T, T, H, K, D)
+    q, k, v = random_qkv(12, B, T, T, H, K, D)
     kw = _causal(B, T)
     kw["q_positions_BxT"] = kw["q_positions_BxT"].at[0, 0].set(-1)  # precedes every key
     ct = jax.random.normal(jax.random.key(98), q.shape, q.dtype)
@@ -152,7 +145,7 @@ def test_fully_masked_row_is_zero_not_nan():
 
 
 def test_block_sizes_must_be_powers_of_two():
-    q, k, v = _inputs(13, 1, 16, 16, 2, 1, 16)
+    q, k, v = random_qkv(13, 1, 16, 16, 2, 1, 16)
     with pytest.raises(AssertionError, match="powers of two"):
         flash_attention(q, k, v, **_causal(1, 16), block_q=24, interpret=True)
 
@@ -186,7 +179,7 @@ def test_lowers_to_triton_for_cuda(dtype, heads, kv_heads, segments):
 
 def test_padded_keys_invisible_even_to_the_largest_position():
     B, T, S, H, K, D = 1, 4, 21, 2, 1, 16  # S padded to 32
-    q, k, v = _inputs(14, B, T, S, H, K, D)
+    q, k, v = random_qkv(14, B, T, S, H, K, D)
     kw = {
         "q_positions_BxT": jnp.full((B, T), jnp.iinfo(jnp.int32).max, jnp.int32),
         "kv_positions_BxS": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
@@ -198,7 +191,7 @@ def test_wholly_masked_tiles_are_skipped():
     # Causal, two 16-blocks: the first query block never touches the second key block, so even
     # NaN values there (garbage in an unwritten cache, say) cannot reach its rows.
     B, T, H, K, D = 1, 32, 2, 1, 16
-    q, k, v = _inputs(15, B, T, T, H, K, D)
+    q, k, v = random_qkv(15, B, T, T, H, K, D)
     kw = _causal(B, T)
     poisoned = v.at[:, 16:].set(jnp.nan)
     got = _run(_kernel, q, k, poisoned, kw)[:, :16]

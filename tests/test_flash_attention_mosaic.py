@@ -17,6 +17,7 @@ from jax._src.mesh import AbstractDevice, AbstractMesh
 
 from pallas_kernels import flash_attention, attention_reference
 from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic, unsupported_reason
+from tests.conftest import random_qkv
 
 _H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
@@ -29,14 +30,6 @@ def watchdog():
     faulthandler.dump_traceback_later(300, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
-
-
-def _inputs(B, T, S, H, K, D, dtype, seed=0):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
-    return q, k, v
 
 
 def _loss(attn, D):
@@ -53,7 +46,7 @@ def test_interpreter_forward_and_gradient_bf16_gqa_prefill(watchdog):
     # 2-slot ring (refill and drain), queries offset into the keys (prefill-like positions 12..111):
     # the first kv tile partly masked, the second partly, the third skipped by both warpgroups.
     B, T, S, H, K, D = 1, 100, 192, 2, 1, 64
-    q, k, v = _inputs(B, T, S, H, K, D, jnp.bfloat16)
+    q, k, v = random_qkv(0, B, T, S, H, K, D, jnp.bfloat16)
     q_pos = jnp.broadcast_to(jnp.arange(T) + 12, (B, T))
     kv_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
 
@@ -75,7 +68,7 @@ def test_interpreter_forward_and_gradient_bf16_gqa_prefill(watchdog):
 
 def test_interpreter_forward_fp16_head_dim_128_causal(watchdog):
     B, T, H, K, D = 1, 128, 1, 1, 128
-    q, k, v = _inputs(B, T, T, H, K, D, jnp.float16, seed=3)
+    q, k, v = random_qkv(3, B, T, T, H, K, D, jnp.float16)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     out = flash_attention_mosaic(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, block_kv=64,
                                  interpret=True)
@@ -130,7 +123,7 @@ def test_cross_lowers_for_h100_decode_shape():
 def test_unsupported_inputs_fall_back_to_triton_loudly(dtype, head_dim, segments, fragment):
     assert fragment in unsupported_reason(dtype, head_dim, segments)
     B, T, H = 1, 32, 2
-    q, k, v = _inputs(B, T, T, H, H, head_dim, dtype, seed=1)
+    q, k, v = random_qkv(1, B, T, T, H, H, head_dim, dtype)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     seg = jnp.broadcast_to((jnp.arange(T) >= 12).astype(jnp.int32), (B, T)) if segments else None
     kwargs = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg)
@@ -144,7 +137,7 @@ def test_unsupported_inputs_fall_back_to_triton_loudly(dtype, head_dim, segments
 
 
 def test_rejects_unsupported_inputs_directly():
-    q, k, v = _inputs(1, 16, 16, 2, 2, 64, jnp.float32)
+    q, k, v = random_qkv(0, 1, 16, 16, 2, 2, 64, jnp.float32)
     pos = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="dtype float32 is not bfloat16/float16"):
         flash_attention_mosaic(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos)

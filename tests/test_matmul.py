@@ -210,16 +210,11 @@ def test_gated_mlp_hidden_on_a_mesh_matches_einsums(devices):
 
 def test_train_step_with_pallas_projections_matches_xla(devices):
     """The kernel (interpreter on CPU) in every projection of the jitted, sharded training step."""
-    from tests.test_train import MESH_CFG, _losses, tiny_config  # noqa: F401 (shared setup)
-    from jaxlm.build import build_model
-    from jaxlm.data import PackedLoader, load_splits, load_tokenizer
-    from flax import nnx
+    from tests.conftest import batches_and_params, tiny_config
+    from tests.test_train import MESH_CFG, _losses
 
     cfg = tiny_config(*MESH_CFG, "model.num_layers=1", "train.batch_size=8")
-    splits = load_splits(cfg.data, load_tokenizer())
-    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
-    windows = [sampler.batch(i) for i in range(2)]
-    params = jax.device_get(nnx.state(build_model(cfg.model, seed=0)))
+    windows, params = batches_and_params(cfg, 2)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices)
     xla, _ = _losses(cfg.replace(model=dataclasses.replace(cfg.model, matmul_impl="xla")), windows, params, mesh)
     pallas, _ = _losses(cfg.replace(model=dataclasses.replace(cfg.model, matmul_impl="pallas")), windows, params, mesh)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxlm
 from jaxlm.build import abstract_model
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError, MeshConfig
@@ -17,7 +16,7 @@ from jaxlm.optim import accumulate_gradients, decay_mask
 from jaxlm.precision import LossScale, init_loss_scale, policy_for, update_loss_scale
 from jaxlm.train import Trainer, cross_entropy, make_loss_fn
 from sharding.mesh import make_mesh
-from tests.conftest import tiny_config
+from tests.conftest import batches_and_params, tiny_config
 
 STEPS = 16
 BASE = (f"train.steps={STEPS}", "train.warmup_steps=3")
@@ -89,11 +88,7 @@ def test_loss_scale_update_rule():
 
 @pytest.fixture(scope="module")
 def setup(devices):
-    cfg = tiny_config(*BASE)
-    splits = load_splits(cfg.data, load_tokenizer())
-    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
-    windows = [sampler.batch(i) for i in range(STEPS)]
-    params = jax.device_get(nnx.state(jaxlm.build_model(cfg.model, seed=0)))
+    windows, params = batches_and_params(tiny_config(*BASE), STEPS)
     return windows, params, make_mesh(MeshConfig(), devices[:1])
 
 

@@ -5,15 +5,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxlm
-from jaxlm.build import build_model
 from jaxlm.config import MeshConfig
-from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
+from jaxlm.data import to_global_batch
 from jaxlm.train import Trainer, cross_entropy
 from sharding.mesh import make_mesh
-from tests.conftest import tiny_config
+from tests.conftest import batches_and_params, tiny_config
 
 # 8 query and 8 kv heads, so every axis (tensor=8 included) divides the model
 MESH_CFG = ("model.num_heads=8", "model.num_kv_heads=8", "model.head_dim=8", "train.steps=3", "train.warmup_steps=1")
@@ -22,10 +20,7 @@ MESH_CFG = ("model.num_heads=8", "model.num_kv_heads=8", "model.head_dim=8", "tr
 @pytest.fixture(scope="module")
 def setup():
     cfg = tiny_config(*MESH_CFG)
-    splits = load_splits(cfg.data, load_tokenizer())
-    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
-    windows = [sampler.batch(i) for i in range(3)]
-    params = jax.device_get(nnx.state(build_model(cfg.model, seed=0)))
+    windows, params = batches_and_params(cfg, 3)
     return cfg, windows, params
 
 
@@ -140,10 +135,7 @@ def test_pipeline_training_matches_one_device(setup, single_device_losses, devic
 
 def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices):
     cfg = tiny_config(*MESH_CFG, "model.num_layers=4", "model.pipeline_microbatches=4")
-    splits = load_splits(cfg.data, load_tokenizer())
-    sampler = PackedLoader(splits.train, cfg.data.seq_len, cfg.train.batch_size, seed=0)
-    windows = [sampler.batch(i) for i in range(3)]
-    params = jax.device_get(nnx.state(build_model(cfg.model, seed=1)))
+    windows, params = batches_and_params(cfg, 3, model_seed=1)
     single, _ = _losses(cfg, windows, params, make_mesh(MeshConfig(), devices[:1]))
     piped, _ = _losses(cfg, windows, params, make_mesh(MeshConfig(stage=4, fsdp=1, tensor=2), devices))
     np.testing.assert_allclose(piped, single, rtol=2e-5)
