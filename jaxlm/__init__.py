@@ -11,12 +11,16 @@ from jaxlm.build import build_model
 from jaxlm.checkpoint import restore
 from jaxlm.config import Config, ConfigError, load_config
 from jaxlm.data import load_tokenizer
+from jaxlm.errors import (
+    CheckpointError, DataError, DistributedError, InteropError, JaxlmError, ServeError,
+)
 from jaxlm.generate import generate, generate_tokens
 from jaxlm.model import Transformer
 from jaxlm.train import TrainResult, train
 from sharding.mesh import make_mesh
 
 __all__ = [
-    "Config", "ConfigError", "Transformer", "TrainResult", "build_model", "generate", "generate_tokens",
+    "CheckpointError", "Config", "ConfigError", "DataError", "DistributedError", "InteropError", "JaxlmError",
+    "ServeError", "Transformer", "TrainResult", "build_model", "generate", "generate_tokens",
     "load_config", "load_tokenizer", "make_mesh", "restore", "train",
 ]

@@ -18,9 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line a user can act on."""
+from sharding.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference, gather_pages
+from sharding.errors import ConfigError
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 # Set from the interpreter check in tests/test_flash_attention_mosaic.py (forward and gradient
@@ -86,7 +87,6 @@ def resolve_attention_impl(impl: str, platform: str | None = None, compute_capab
     ``platform`` and ``compute_capability`` default to the default device's (:func:`device_info`);
     pass them to ask about another machine (a pure function of its arguments then).
     """
-    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
 
     if platform is None:
         platform, compute_capability = device_info()
@@ -161,7 +161,6 @@ def attention(
 
 
 def _attention(name, q, k, v, q_positions, kv_positions, segment_ids, context_impl="all_gather"):
-    from jaxlm.config import ConfigError
     from sharding.context import context_attention, sequence_shards
     from sharding.rules import logical_spec, per_shard
 
@@ -266,7 +265,6 @@ PROJECTIONS: dict[str, tuple[tuple[str | None, ...], tuple[str | None, ...]]] = 
 
 def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
     """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
-    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
 
     platform = device_info()[0] if platform is None else platform
     platform = "gpu" if platform in _GPU_PLATFORMS else platform

@@ -37,9 +37,9 @@ from typing import Mapping
 
 import jax
 
-from jaxlm.config import ConfigError
+from sharding.errors import ConfigError, DistributedError
 
-LOST_PEER_EXIT_CODE = 75  # EX_TEMPFAIL: the job may be restarted from its last checkpoint
+LOST_PEER_EXIT_CODE = DistributedError.exit_code  # 75, EX_TEMPFAIL: the job may be restarted from its last checkpoint
 _KEY_PREFIX = "jaxlm/heartbeat/"
 _MAX_TIMEOUT_S = 3600
 

@@ -15,14 +15,24 @@ reshard, which doubles model code for no gain at this size; explicit collectives
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxlm.config import ConfigError, MeshConfig
+from sharding.errors import ConfigError
+
+
+class MeshConfig(Protocol):
+    """The mesh axis sizes (``jaxlm.config.MeshConfig`` is one); ``-1`` fills the rest."""
+
+    stage: int
+    data: int
+    fsdp: int
+    sequence: int
+    tensor: int
 
 MESH_AXES: tuple[str, ...] = ("stage", "data", "fsdp", "sequence", "tensor")
 
