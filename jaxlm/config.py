@@ -12,36 +12,73 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import typing
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping
 
 import yaml
 
 from sharding.errors import ConfigError
+
+INT_MAX = 2**31 - 1  # sizes and counts index int32 arrays; larger ones cannot be allocated anyway
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric config field, declared on it as ``Annotated[float, Bounds(gt=0)]``.
+
+    Every float must also be finite and every int at most :data:`INT_MAX`; :func:`validate`
+    checks them all and names the key, the value and the range in one line.
+    """
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def describe(self) -> str:
+        if self.gt == 0 and self.ge is None and self.lt is None and self.le is None:
+            return "positive"
+        if self.lt is None and self.le is None and (self.gt is None) != (self.ge is None):
+            return f"> {self.gt:g}" if self.gt is not None else f">= {self.ge:g}"
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else "(-inf"
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else "inf)"
+        return f"in {low}, {high}"
+
+    def holds(self, v: float) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+
+PositiveInt = Annotated[int, Bounds(gt=0)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
+Beta = Annotated[float, Bounds(ge=0, lt=1)]  # an exponential moving-average decay
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the decoder-only transformer (Llama family)."""
 
-    vocab_size: int = 4096
-    embed_dim: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    head_dim: int = 32
-    mlp_dim: int = 768
-    rope_theta: float = 10000.0
+    vocab_size: PositiveInt = 4096
+    embed_dim: PositiveInt = 256
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 8
+    num_kv_heads: PositiveInt = 4
+    head_dim: PositiveInt = 32
+    mlp_dim: PositiveInt = 768
+    rope_theta: PositiveFloat = 10000.0
     rope_scaling: str = "none"  # none | llama3 (Llama 3.1 frequency rescaling, below)
-    rope_factor: float = 8.0  # llama3: long wavelengths are divided by this
-    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
-    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
-    rope_original_max_len: int = 8192  # llama3: the pretraining context length
+    rope_factor: PositiveFloat = 8.0  # llama3: long wavelengths are divided by this
+    rope_low_freq_factor: PositiveFloat = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+    rope_high_freq_factor: PositiveFloat = 4.0  # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: PositiveInt = 8192  # llama3: the pretraining context length
     qkv_bias: bool = False  # learned biases on the q/k/v projections (Qwen2)
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     tie_embeddings: bool = True
-    init_std: float = 0.02
+    init_std: PositiveFloat = 0.02
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"  # matmul inputs; softmax, norms and loss run in float32
     scan_layers: bool = True  # lax.scan over layers (compile time flat in depth) or a Python loop
@@ -49,18 +86,18 @@ class ModelConfig:
     attention_impl: str = "auto"  # auto | xla | pallas | cudnn  (see pallas_kernels.dispatch)
     matmul_impl: str = "auto"  # auto | xla | pallas  projections q/k/v/o, gate/up/down (pallas_kernels.dispatch)
     context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
-    pipeline_microbatches: int = 4  # GPipe microbatches when mesh.stage > 1 (sharding.pipeline)
+    pipeline_microbatches: PositiveInt = 4  # GPipe microbatches when mesh.stage > 1 (sharding.pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes; their product must equal the device count. -1 fills the rest."""
 
-    stage: int = 1  # pipeline parallelism: the layers are split into this many stages
-    data: int = 1
-    fsdp: int = -1
-    sequence: int = 1  # context parallelism: the sequence is split this many ways
-    tensor: int = 1
+    stage: Annotated[int, Bounds(ge=-1)] = 1  # pipeline parallelism: the layers are split into this many stages
+    data: Annotated[int, Bounds(ge=-1)] = 1
+    fsdp: Annotated[int, Bounds(ge=-1)] = -1
+    sequence: Annotated[int, Bounds(ge=-1)] = 1  # context parallelism: the sequence is split this many ways
+    tensor: Annotated[int, Bounds(ge=-1)] = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +107,9 @@ class DataConfig:
     path: str = ""  # a directory written by `jaxlm prepare-data` (memory-mapped); empty: text_path
     text_path: str = ""  # one UTF-8 file tokenized in memory as one document; empty: embedded corpus
     tokenizer_path: str = ""
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    seed: int = 0
+    seq_len: Annotated[int, Bounds(ge=2)] = 128
+    val_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.05
+    seed: NonNegativeInt = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +117,25 @@ class TrainConfig:
     """Optimisation: AdamW (or Lion, Adafactor) with linear warmup then cosine decay, global-norm clipping."""
 
     optimizer: str = "adamw"  # adamw | lion | adafactor
-    steps: int = 300
-    batch_size: int = 32  # global, across all devices
-    seed: int = 0
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 8
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 32  # global, across all devices
+    seed: NonNegativeInt = 0
+    learning_rate: PositiveFloat = 3e-3
+    warmup_steps: NonNegativeInt = 30
+    min_lr_ratio: Annotated[float, Bounds(ge=0, le=1)] = 0.1
+    weight_decay: NonNegativeFloat = 0.1
+    beta1: Beta = 0.9
+    beta2: Beta = 0.95
+    eps: PositiveFloat = 1e-8
+    grad_clip: PositiveFloat = 1.0
+    eval_every: PositiveInt = 100
+    eval_batches: PositiveInt = 8
     progress: bool = True
-    log_every: int = 0  # print a metrics line every N steps (0: never)
-    grad_accum_steps: int = 1  # microbatches per step (batch_size is split into this many)
-    max_consecutive_skips: int = 5  # stop after this many non-finite steps in a row
-    loss_scale_init: float = 32768.0  # float16 compute only: the first dynamic loss scale
-    loss_scale_period: int = 200  # float16 compute only: finite steps before the scale doubles
+    log_every: NonNegativeInt = 0  # print a metrics line every N steps (0: never)
+    grad_accum_steps: PositiveInt = 1  # microbatches per step (batch_size is split into this many)
+    max_consecutive_skips: PositiveInt = 5  # stop after this many non-finite steps in a row
+    loss_scale_init: Annotated[float, Bounds(ge=1)] = 32768.0  # float16 compute only: the first dynamic loss scale
+    loss_scale_period: PositiveInt = 200  # float16 compute only: finite steps before the scale doubles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +143,8 @@ class CheckpointConfig:
     """Orbax checkpoints. An empty ``dir`` disables saving."""
 
     dir: str = ""
-    save_every: int = 100
-    keep: int = 3
+    save_every: PositiveInt = 100
+    keep: PositiveInt = 3
     async_save: bool = True
 
 
@@ -115,11 +152,11 @@ class CheckpointConfig:
 class DecodeConfig:
     """Sampling defaults for ``generate``. temperature 0 means greedy."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1.0 disables
-    seed: int = 0
+    max_new_tokens: PositiveInt = 128
+    temperature: NonNegativeFloat = 0.8
+    top_k: NonNegativeInt = 0  # 0 disables
+    top_p: Annotated[float, Bounds(gt=0, le=1)] = 1.0  # 1.0 disables
+    seed: NonNegativeInt = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +192,34 @@ def _suggest(name: str, options: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
 
 
+def _base_type(typ: Any) -> Any:
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is Annotated else typ
+
+
+def _int_hint(number: float) -> str:
+    if not math.isfinite(number) or number != int(number):
+        return ""
+    return f" (write {int(number)})" if abs(number) <= INT_MAX else f" (at most {INT_MAX})"
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check one leaf value against its dataclass field type; ints widen to float."""
+    """Check one leaf value against its dataclass field type; ints widen to float, and a float
+    written as text (``1e-3``, which YAML 1.1 reads as a string) is read as one."""
+    typ = _base_type(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ is int and not isinstance(value, bool) and isinstance(value, (float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
+            raise ConfigError(f"config key '{key}' must be a whole number, got {value!r}{_int_hint(number)}")
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):
         raise ConfigError(
             f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}"
@@ -169,7 +230,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
@@ -201,7 +262,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value {raw!r} does not parse (YAML); "
+                              "quote a string, e.g. key='text'") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -210,6 +276,26 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _check_bounds(cfg: Config) -> None:
+    """Every numeric field against its declared :class:`Bounds`: finite floats, ints up to INT_MAX."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(values), include_extras=True)
+        for f in dataclasses.fields(values):
+            typ, value, key = hints[f.name], getattr(values, f.name), f"{section.name}.{f.name}"
+            base = _base_type(typ)
+            if base not in (int, float):
+                continue
+            bounds = next((b for b in typing.get_args(typ)[1:] if isinstance(b, Bounds)), Bounds())
+            allowed = bounds.describe() if bounds != Bounds() else "a number"
+            if base is float and not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' must be a finite number ({allowed}), got {value}")
+            if base is int and abs(value) > INT_MAX:
+                raise ConfigError(f"config key '{key}' is {value}, too large to allocate; it must be at most {INT_MAX}")
+            if not bounds.holds(value):
+                raise ConfigError(f"config key '{key}' must be {allowed}, got {value}")
 
 
 def validate(cfg: Config) -> Config:
@@ -222,11 +308,8 @@ def validate(cfg: Config) -> Config:
     for key, options in _CHOICES.items():
         if flat[key] not in options:
             raise ConfigError(f"config key '{key}' is {flat[key]!r}; choose one of {', '.join(options)}")
+    _check_bounds(cfg)
     m = cfg.model
-    positive = ["vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"]
-    for name in positive:
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
     if m.rope_scaling == "llama3" and not (
         m.rope_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0
     ):
@@ -254,8 +337,6 @@ def validate(cfg: Config) -> Config:
             f"model.num_layers={m.num_layers} is not divisible by mesh.stage={cfg.mesh.stage}; "
             "every pipeline stage holds the same number of layers"
         )
-    if m.pipeline_microbatches < 1:
-        raise ConfigError(f"config key 'model.pipeline_microbatches' must be positive, got {m.pipeline_microbatches}")
     sequence = cfg.mesh.sequence
     if sequence > 1 and cfg.data.seq_len % (2 * sequence):
         raise ConfigError(
@@ -271,37 +352,15 @@ def validate(cfg: Config) -> Config:
                     f"pick a tensor size that divides it"
                 )
     t = cfg.train
-    for name in ("steps", "batch_size", "eval_every", "eval_batches"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"config key 'train.{name}' must be positive, got {getattr(t, name)}")
-    for name in ("grad_accum_steps", "max_consecutive_skips", "loss_scale_period"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"config key 'train.{name}' must be positive, got {getattr(t, name)}")
-    if t.log_every < 0:
-        raise ConfigError(f"config key 'train.log_every' must be >= 0 (0 turns it off), got {t.log_every}")
-    if t.loss_scale_init < 1.0:
-        raise ConfigError(f"config key 'train.loss_scale_init' must be >= 1, got {t.loss_scale_init}")
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}; "
             "each microbatch must have the same size"
         )
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+    if t.warmup_steps > t.steps:
         raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"config key 'data.seq_len' must be at least 2, got {cfg.data.seq_len}")
     if cfg.data.path and cfg.data.text_path:
         raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
-    if cfg.checkpoint.save_every <= 0 or cfg.checkpoint.keep <= 0:
-        raise ConfigError("config keys 'checkpoint.save_every' and 'checkpoint.keep' must be positive")
-    d = cfg.decode
-    if d.temperature < 0 or d.top_k < 0 or not 0.0 < d.top_p <= 1.0 or d.max_new_tokens <= 0:
-        raise ConfigError(
-            "decode needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and max_new_tokens > 0, "
-            f"got {d.temperature}, {d.top_k}, {d.top_p}, {d.max_new_tokens}"
-        )
     return cfg
 
 
@@ -311,9 +370,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 def _read_yaml(p: pathlib.Path) -> dict[str, Any]:
     if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; see configs/ for examples")
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"config file '{p}' {what}; see configs/ for examples")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
+                          "save it as UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None

@@ -5,8 +5,9 @@ state's shardings and the state donated. The loop feeds it deterministic batches
 progress bar, evaluates held-out loss, and saves asynchronous checkpoints that a later run
 resumes from bit for bit.
 
-Faults: a step whose loss or gradients are not finite is skipped inside the compiled step
-(parameters and optimizer state stay as they were; see :class:`TrainState` for the counters) and
+Faults: a step whose loss or gradients are not finite, or whose update would make a parameter or
+an optimizer moment non-finite, is skipped inside the compiled step (parameters and optimizer
+state stay as they were; see :class:`TrainState` for the counters) and
 logged; ``train.max_consecutive_skips`` such steps in a row stop the run with
 :class:`TrainingDiverged`. SIGTERM or SIGINT saves a checkpoint at the current step and returns;
 an unreadable latest checkpoint is set aside with a warning and the previous one is used.
@@ -30,6 +31,7 @@ from jax.sharding import Mesh
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
+from jaxlm.errors import JaxlmError
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.metrics import MetricsLog, device_memory_in_use, model_flops_per_token, peak_flops
 from jaxlm.model import Transformer
@@ -40,8 +42,11 @@ from sharding.pipeline import bubble_fraction, num_stages
 from sharding.rules import constrain, logical_sharding, mesh_axis_size, LOGICAL_RULES
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradients; the run stopped."""
+class TrainingDiverged(JaxlmError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss, gradients or update; the run stopped
+    (exit code 1), or a state to be checkpointed was not finite (it is not saved)."""
+
+    exit_code = 1
 
 
 class TrainState(NamedTuple):
@@ -120,7 +125,8 @@ def make_train_step(
     Metrics: ``loss`` (unscaled, float32), ``grad_norm`` (float32), ``lr`` (the schedule at
     ``state.step``; after skipped steps the optimizer's own count, which sets the rate applied,
     lags by the number skipped), ``skipped`` (int32 1 when the update was dropped for a non-finite
-    loss or gradient) and ``loss_scale`` (the scale this step used).
+    loss or gradient, or because it would have made a parameter or optimizer moment non-finite)
+    and ``loss_scale`` (the scale this step used).
     """
     loss_sum = _loss_sum_fn(graphdef)
 
@@ -150,6 +156,9 @@ def make_train_step(
         finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Finite gradients can still give a non-finite update (a huge learning rate, a moment that
+        # overflows): the new parameters and optimizer moments must be finite too, or nothing changes.
+        finite = finite & all_finite(params) & all_finite(opt_state)
         keep_new = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep_new, params, state.params)
         opt_state = jax.tree.map(keep_new, opt_state, state.opt_state)
@@ -208,6 +217,7 @@ class Trainer:
         )
         self._loss = jax.jit(make_loss_fn(self.graphdef), in_shardings=(self.param_shardings, batch_sharding))
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+        self._all_finite = jax.jit(lambda params, opt_state: all_finite(params) & all_finite(opt_state))
 
     def init_state(self, params: nnx.State) -> TrainState:
         params = jax.device_put(params, self.param_shardings)
@@ -243,7 +253,18 @@ class Trainer:
         return state, int(meta["data_position"])
 
     def save(self, ckpt: Checkpointer, step: int, state: TrainState, data_position: int) -> None:
-        """Start an asynchronous save of ``state`` (which is at ``step``)."""
+        """Start an asynchronous save of ``state`` (which is at ``step``).
+
+        Raises TrainingDiverged, writing nothing, when a parameter or optimizer moment is not
+        finite: a checkpoint is never written from a non-finite state.
+        """
+        with jax.set_mesh(self.mesh):
+            finite = bool(self._all_finite(state.params, state.opt_state))
+        if not finite:
+            raise TrainingDiverged(
+                f"not saving step {step}: its parameters or optimizer state are not finite (the checkpoints in "
+                f"'{ckpt.directory}' are kept); start from finite parameters, lower train.learning_rate or check the data"
+            )
         scale, good = jax.device_get((state.loss_scale.scale, state.loss_scale.good_steps))
         extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)}}
         ckpt.save(step, state.params, state.opt_state, data_position, self.cfg, extra_meta=extra)
@@ -424,13 +445,13 @@ def train(
             skipped.append(step)
             in_a_row = next((i for i, h in enumerate(reversed(history)) if not h["skipped"]), len(history))
             show(
-                f"step {step}: non-finite loss or gradients (loss {values['loss']}), update skipped "
+                f"step {step}: non-finite loss, gradients or update (loss {values['loss']}), update skipped "
                 f"({in_a_row} in a row, {len(skipped)} in all)"
             )
             if in_a_row >= t.max_consecutive_skips:
                 where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved else ""
                 raise TrainingDiverged(
-                    f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss or gradients "
+                    f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss, gradients or update "
                     f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; "
                     "lower train.learning_rate or check the data"
                 )
