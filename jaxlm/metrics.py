@@ -11,6 +11,7 @@ to TensorBoard event files, from process 0 only.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any, Mapping
 
@@ -62,19 +63,25 @@ def device_memory_in_use() -> int | None:
 class MetricsLog:
     """Per-step scalars to ``DIR/metrics.jsonl`` and TensorBoard event files in ``DIR/tensorboard``.
 
-    A no-op unless ``directory`` is set and this is process 0.
+    A no-op unless ``directory`` is set and this is process 0. ``start_step`` is the step the run
+    starts from (the restored checkpoint's, 0 for a fresh run): lines of later steps, written by
+    an earlier run that was killed before its next checkpoint, are dropped, and TensorBoard hides
+    their events (``purge_step``), so after any number of kills and resumes the log holds exactly
+    one line per step. :meth:`commit` flushes and fsyncs both; call it whenever a checkpoint is saved.
     """
 
-    def __init__(self, directory: str | pathlib.Path | None):
+    def __init__(self, directory: str | pathlib.Path | None, start_step: int = 0):
         self.enabled = bool(directory) and jax.process_index() == 0
         self._jsonl = self._tb = None
         if self.enabled:
             path = pathlib.Path(directory)
             path.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(path / "metrics.jsonl", "a")
+            self._path = path / "metrics.jsonl"
+            truncate_after(self._path, start_step)
+            self._jsonl = open(self._path, "a")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(path / "tensorboard"), flush_secs=10)
+            self._tb = SummaryWriter(str(path / "tensorboard"), flush_secs=10, purge_step=start_step + 1)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -84,7 +91,44 @@ class MetricsLog:
         for name, value in scalars.items():
             self._tb.add_scalar(f"train/{name}", value, step)
 
+    def commit(self) -> None:
+        """Flush both logs to the file system and fsync them (what is logged so far survives a kill)."""
+        if not self.enabled:
+            return
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+        self._tb.flush()
+        for events in (self._path.parent / "tensorboard").glob("events.out.tfevents.*"):
+            fd = os.open(events, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_after(path: pathlib.Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` whose step is past ``step`` (and a torn last line).
+
+    The file is rewritten under a temporary name and renamed over the old one, so a kill during
+    the rewrite leaves either file whole.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

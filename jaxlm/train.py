@@ -409,7 +409,8 @@ def train(
     flops_per_step = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     device_peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
     mesh_peak = None if device_peak is None else device_peak * mesh.size  # None: MFU not reported
-    metrics_log = MetricsLog(cfg.checkpoint.dir or None)  # metrics.jsonl + tensorboard/ beside the checkpoints
+    # metrics.jsonl + tensorboard/ beside the checkpoints; lines past the restored step are dropped
+    metrics_log = MetricsLog(cfg.checkpoint.dir or None, start_step=first)
     history: list[dict[str, float]] = []
     skipped: list[int] = []
     bar = None
@@ -474,20 +475,31 @@ def train(
                 record(*pending)
             pending = (step, metrics)
             stopping = bool(stop)  # read once: a signal landing below waits for the next step
-            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stopping):
-                trainer.save(ckpt, step, state, position)
-                last_saved = step
-            if stopping:
-                record(*pending)
-                pending = None
-                show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
-                break
-            if step % t.eval_every == 0 and step != t.steps:
+            if step % t.eval_every == 0 and step != t.steps and not stopping:
                 record(*pending)
                 pending = None
                 val = _evaluate(trainer, state.params, val_batches)
                 metrics_log.write(step, {"val_loss": val})
                 show(f"step {step}: validation loss {val:.4f}")
+            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stopping):
+                last_saved = step  # saved below, also when this step's record ends the run
+                diverged = None
+                try:
+                    if pending is not None:
+                        record(*pending)
+                except TrainingDiverged as e:
+                    diverged = e
+                pending = None
+                metrics_log.commit()  # every line up to this step is on disk before the checkpoint can commit
+                trainer.save(ckpt, step, state, position)
+                if diverged is not None:
+                    raise diverged
+            if stopping:
+                if pending is not None:
+                    record(*pending)
+                    pending = None
+                show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
+                break
         if pending is not None:
             record(*pending)
     finally:

@@ -6,7 +6,9 @@ process-level tests run ``jaxlm train`` as a user would and compare every logged
 with 9 significant digits, which round-trips float32) against one uninterrupted run.
 """
 
+import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import queue
@@ -30,7 +32,7 @@ from jaxlm.config import MeshConfig
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.train import Trainer, TrainingDiverged
 from sharding.mesh import make_mesh
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, batches_and_params, tiny_config
 
 STEP_LINE = re.compile(r"^step (\d+): loss ")
 
@@ -112,6 +114,35 @@ def test_train_reports_skips_and_stops_after_too_many_in_a_row(one_device, tmp_p
     assert sums[6] == sums[8] != sums[4]
     model, _ = jaxlm.restore(run, mesh=one_device, step=8)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_update_that_would_make_the_state_non_finite_is_skipped(one_device):
+    """A NaN learning rate (as ``train.learning_rate=.nan`` once was accepted) leaves the loss and
+    gradients finite but the update NaN: the step is skipped and the state is unchanged, bit for bit."""
+    good = tiny_config("train.steps=2", "train.warmup_steps=1")
+    cfg = good.replace(train=dataclasses.replace(good.train, learning_rate=float("nan")))  # past validation
+    batch, params = batches_and_params(cfg, 1)
+    trainer = Trainer(cfg, one_device)
+    state = trainer.init_state(params)
+    before = jax.device_get((state.params, state.opt_state))
+    state, m = trainer.step(state, to_global_batch(batch[0], one_device))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))  # the old guard saw nothing
+    assert int(m["skipped"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_checkpoint_is_written_from_a_non_finite_state(one_device, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config("train.steps=4", "train.warmup_steps=1", "train.eval_batches=1", f"checkpoint.dir={run}",
+                      "checkpoint.save_every=2")
+    model = jaxlm.build_model(cfg.model, seed=0)
+    model.final_norm.scale[...] = model.final_norm.scale[...].at[0].set(np.nan)  # every loss is NaN
+    with pytest.raises(TrainingDiverged, match=r"^not saving step 2: its parameters or optimizer state are not finite"):
+        jaxlm.train(cfg, model, mesh=one_device, log=lambda _: None)
+    assert not [p for p in run.iterdir() if p.name[0].isdigit()]  # no step directory, not even a torn one
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["skipped"] for line in lines] == [1.0, 1.0]
 
 
 # ---------------------------------------------------------------- process-level faults
