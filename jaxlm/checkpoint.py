@@ -17,9 +17,10 @@ layout loads onto another.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CheckpointConfig, Config, ConfigError, config_from_dict
+from jaxlm.errors import CheckpointError
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -67,6 +69,8 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         if not create and not self.directory.is_dir():
             raise ConfigError(f"checkpoint directory '{self.directory}' does not exist")
+        if create:
+            _check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
@@ -102,16 +106,19 @@ class Checkpointer:
         if opt_state is not None:
             meta["checksums"]["opt_state"] = tree_checksum(opt_state)
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - this save or the previous asynchronous one failed to write
+            raise self._write_error(e) from e
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._step_or_latest(step)
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: {_first_line(e)}") from e
+            raise CheckpointError(f"checkpoint step {step} in '{self.directory}' cannot be read: {_first_line(e)}") from e
         if not isinstance(meta, dict) or "config" not in meta:
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be read: incomplete metadata")
+            raise CheckpointError(f"checkpoint step {step} in '{self.directory}' cannot be read: incomplete metadata")
         return meta
 
     def read_config(self, step: int | None = None) -> Config:
@@ -136,11 +143,11 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - missing, truncated or garbled files all land here
-            raise ConfigError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {_first_line(e)}") from e
+            raise CheckpointError(f"checkpoint step {step} in '{self.directory}' cannot be restored: {_first_line(e)}") from e
         saved = out["meta"].get("checksums", {})
         for name in ("params", "opt_state"):
             if name in out and name in saved and tree_checksum(out[name]) != saved[name]:
-                raise ConfigError(
+                raise CheckpointError(
                     f"checkpoint step {step} in '{self.directory}' cannot be restored: its {name} do not match "
                     "the checksum written with them (a file was corrupted)"
                 )
@@ -182,10 +189,45 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the asynchronous save in flight has committed; CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the save in flight failed to write (disk full, read-only)
+            raise self._write_error(e) from e
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e) from e
+
+    def _write_error(self, e: BaseException) -> CheckpointError:
+        try:
+            self.manager.reload()
+            kept = sorted(self.manager.all_steps())
+        except Exception:  # noqa: BLE001 - listing is best effort here
+            kept = []
+        what = f"steps {', '.join(map(str, kept))} are kept" if kept else "no earlier checkpoint exists"
+        return CheckpointError(
+            f"could not write a checkpoint to '{self.directory}' ({_first_line(e)}); {what} and the run "
+            "resumes from the newest; free disk space or make the directory writable, then run again"
+        )
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+    """ConfigError when ``directory`` (or a parent) is a file; CheckpointError when it cannot be written."""
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"checkpoint.dir '{directory}': '{parent}' is a file, not a directory; "
+                              "choose another checkpoint.dir")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to checkpoint directory '{directory}': {e.strerror or e}; "
+                              "make it writable or choose another checkpoint.dir (nothing was changed)") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -193,13 +235,46 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].split(" See full TensorStore details")[0] if text else type(e).__name__
 
 
-def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = None):
+def restore(
+    directory: str | pathlib.Path,
+    mesh: Any = None,
+    step: int | None = None,
+    log: Callable[[str], None] = print,
+):
     """Load a trained model from a run directory onto ``mesh``. Returns ``(model, config)``.
 
-    Without a mesh, uses the run's own mesh layout when it fits the devices present, otherwise
-    FSDP over all devices. A sequence (context-parallel) axis is folded into FSDP: decoding
-    feeds one token at a time, which cannot be split along the sequence.
+    Without ``step``, the newest step that restores: an unreadable newer one (corrupt, truncated)
+    is reported through ``log`` in one line and left in place. With ``step``, that step or
+    CheckpointError. Without a mesh, uses the run's own mesh layout when it fits the devices
+    present, otherwise FSDP over all devices. A sequence (context-parallel) axis is folded into
+    FSDP: decoding feeds one token at a time, which cannot be split along the sequence.
+    Raises ConfigError when the directory or step does not exist, CheckpointError when nothing
+    in it can be restored.
     """
+    ckpt = Checkpointer(directory, create=False)
+    try:
+        steps = [ckpt._step_or_latest(step)] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+        if not steps:
+            ckpt._step_or_latest(None)  # raises: no checkpoint found
+        bad: list[tuple[int, CheckpointError]] = []
+        for s in steps:
+            try:
+                restored = _restore_step(ckpt, s, mesh)
+            except CheckpointError as e:
+                if step is not None:
+                    raise
+                bad.append((s, e))
+                continue
+            if bad:
+                unreadable = ", ".join(str(b) for b, _ in bad)
+                log(f"warning: {bad[0][1]}; using step {s}, the newest readable one (unreadable: {unreadable})")
+            return restored
+        raise CheckpointError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]})")
+    finally:
+        ckpt.close()
+
+
+def _restore_step(ckpt: Checkpointer, step: int, mesh: Any):
     import dataclasses
 
     from flax import nnx
@@ -208,19 +283,15 @@ def restore(directory: str | pathlib.Path, mesh: Any = None, step: int | None = 
     from jaxlm.config import MeshConfig
     from sharding.mesh import make_mesh
 
-    ckpt = Checkpointer(directory, create=False)
-    try:
-        cfg = ckpt.read_config(step)
-        if mesh is None:
-            try:
-                run_mesh = cfg.mesh
-                if run_mesh.sequence != 1:
-                    run_mesh = dataclasses.replace(run_mesh, fsdp=-1, sequence=1)
-                mesh = make_mesh(run_mesh)
-            except ConfigError:
-                mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
-        graphdef, abstract = abstract_model(cfg.model)
-        params, _, _ = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
-    finally:
-        ckpt.close()
+    cfg = ckpt.read_config(step)
+    if mesh is None:
+        try:
+            run_mesh = cfg.mesh
+            if run_mesh.sequence != 1:
+                run_mesh = dataclasses.replace(run_mesh, fsdp=-1, sequence=1)
+            mesh = make_mesh(run_mesh)
+        except ConfigError:
+            mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    graphdef, abstract = abstract_model(cfg.model)
+    params, _, _ = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
     return nnx.merge(graphdef, params), cfg

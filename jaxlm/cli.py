@@ -14,6 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -43,7 +48,7 @@ def _generate(args: argparse.Namespace) -> None:
     from sharding import distributed
 
     distributed.initialize()
-    model, cfg = jaxlm.restore(args.checkpoint, step=args.step)
+    model, cfg = jaxlm.restore(args.checkpoint, step=args.step, log=_warn)
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cfg.decode)} and v is not None}
     decode = dataclasses.replace(cfg.decode, **overrides)
     cfg = jaxlm.config.validate(cfg.replace(decode=decode))
@@ -68,7 +73,7 @@ def _serve(args: argparse.Namespace) -> None:
     from jaxlm.serve import Engine
     from jaxlm.serve.server import serve
 
-    model, cfg = jaxlm.restore(args.checkpoint, step=args.step)
+    model, cfg = jaxlm.restore(args.checkpoint, step=args.step, log=_warn)
     tokenizer = jaxlm.load_tokenizer(cfg.data.tokenizer_path)
     stop_id, render_chat = eos_id(tokenizer), None
     if cfg.data.tokenizer_path:  # an instruct model converted with its chat template: use it
@@ -111,8 +116,46 @@ def _rules(_: argparse.Namespace) -> None:
     print(describe_rules())
 
 
+class _UsageError(Exception):
+    """A command line argparse refused (printed as one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``jaxlm: error: ...``) instead of usage text and a message."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0..65535)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlm", description="Train and sample sharded Llama-family models.")
+    parser = _Parser(prog="jaxlm", description="Train and sample sharded Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
@@ -125,24 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run directory written by `jaxlm train`")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    g.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    g.add_argument("--step", type=_non_negative_int, default=None, help="checkpoint step (default: the newest readable)")
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int)
     g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", dest="top_k", type=int)
+    g.add_argument("--top-k", dest="top_k", type=_non_negative_int)
     g.add_argument("--top-p", dest="top_p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_non_negative_int)
     g.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
     g.set_defaults(fn=_generate)
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /metrics")
     s.add_argument("checkpoint", help="run directory written by `jaxlm train`")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
-    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    s.add_argument("--num-pages", dest="num_pages", type=int, default=1024, help="KV-cache pages in the pool")
-    s.add_argument("--page-size", dest="page_size", type=int, default=16, help="tokens per page (a power of two >= 16)")
-    s.add_argument("--max-batch", dest="max_batch", type=int, default=16, help="sequences decoded together")
-    s.add_argument("--max-context", dest="max_context", type=int, default=512, help="prompt + max_tokens limit")
-    s.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=64, help="prompt tokens per step")
+    s.add_argument("--port", type=_port, default=8000, help="0 picks a free port (printed on start)")
+    s.add_argument("--step", type=_non_negative_int, default=None, help="checkpoint step (default: the newest readable)")
+    s.add_argument("--num-pages", dest="num_pages", type=_positive_int, default=1024, help="KV-cache pages in the pool")
+    s.add_argument("--page-size", dest="page_size", type=_positive_int, default=16, help="tokens per page (a power of two >= 16)")
+    s.add_argument("--max-batch", dest="max_batch", type=_positive_int, default=16, help="sequences decoded together")
+    s.add_argument("--max-context", dest="max_context", type=_positive_int, default=512, help="prompt + max_tokens limit")
+    s.add_argument("--prefill-chunk", dest="prefill_chunk", type=_positive_int, default=64, help="prompt tokens per step")
     s.add_argument("--model-name", dest="model_name", default=None, help="name reported in responses")
     s.set_defaults(fn=_serve)
     c = sub.add_parser("convert", help="Hugging Face dir or .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir")
@@ -162,19 +205,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxlm.config import ConfigError
-    from jaxlm.train import TrainingDiverged
+    """Run one command; returns the exit code. Every expected failure is one line on stderr,
+    ``jaxlm: error: ...``, with the exit code of its type (see :mod:`jaxlm.errors`)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"jaxlm: error: {e}", file=sys.stderr)
+        return 2
+    from jaxlm.errors import JaxlmError
 
     try:
         args.fn(args)
-    except ConfigError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
+    except JaxlmError as e:
+        print(f"jaxlm: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a file the command writes or reads: full disk, read-only, missing
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"jaxlm: error: cannot access{where}: {e.strerror or _one_line(e)} (nothing written before it was "
+              "lost; free space or fix the permissions, then run again)", file=sys.stderr)
+        return 74  # EX_IOERR, as CheckpointError
+    except MemoryError:
+        print("jaxlm: error: out of host memory; lower the model or batch size (model.*, train.batch_size)",
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("jaxlm: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.metrics import MetricsLog, device_memory_in_use, model_flops_per_token, peak_flops
 from jaxlm.model import Transformer
@@ -299,7 +299,7 @@ def _resume(
     model is refused (ConfigError) unless ``force``, which moves its checkpoints into a
     ``superseded-*`` folder and starts afresh.
     """
-    bad: list[tuple[int, ConfigError]] = []
+    bad: list[tuple[int, JaxlmError]] = []
 
     def start_afresh(why: str) -> None:
         where = ckpt.set_aside("superseded")
@@ -308,7 +308,7 @@ def _resume(
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
             saved = ckpt.read_config(step)
-        except ConfigError as e:
+        except (CheckpointError, ConfigError) as e:  # unreadable, or a config this version refuses
             bad.append((step, e))
             continue
         diff = _model_diff(saved, cfg)
@@ -322,14 +322,14 @@ def _resume(
             return None
         try:
             restored = trainer.restore(ckpt, step)
-        except ConfigError as e:
+        except CheckpointError as e:
             bad.append((step, e))
             continue
         for bad_step, e in bad:
             say(f"warning: {e}; set aside as {ckpt.quarantine(bad_step).name}, resuming from an older step")
         return restored
     if bad and not force:
-        raise ConfigError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
+        raise CheckpointError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
                           "checkpoint.dir, or --force to set them aside")
     if bad:
         start_afresh(f"no checkpoint in '{ckpt.directory}' can be restored")

@@ -10,6 +10,7 @@ from flax import nnx
 import jaxlm
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.errors import CheckpointError
 from sharding.mesh import make_mesh
 from tests.conftest import tiny_config
 
@@ -78,5 +79,15 @@ def test_missing_and_corrupt_checkpoints(uninterrupted, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint step 5 not found"):
         jaxlm.restore(tmp_path / "run", step=5)
     shutil.rmtree(tmp_path / "run" / "6" / "params")
-    with pytest.raises(ConfigError, match="checkpoint step 6 .* cannot be restored"):
+    with pytest.raises(CheckpointError, match="checkpoint step 6 .* cannot be restored"):
+        jaxlm.restore(tmp_path / "run", step=6)
+    said = []
+    model, _ = jaxlm.restore(tmp_path / "run", log=said.append)  # the newest readable step, said in one line
+    assert len(said) == 1 and said[0].startswith("warning: checkpoint step 6 ") and "using step 3" in said[0]
+    at_3, _ = jaxlm.restore(tmp_path / "run", step=3)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(at_3))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "run" / "6").is_dir()  # a reader changes nothing
+    shutil.rmtree(tmp_path / "run" / "3" / "params")
+    with pytest.raises(CheckpointError, match="^no checkpoint in .* can be restored"):
         jaxlm.restore(tmp_path / "run")

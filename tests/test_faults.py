@@ -313,7 +313,7 @@ def test_when_no_checkpoint_restores_nothing_is_renamed_and_the_run_refused(refe
         _garble(run / str(step), truncate=step == 20)
     before = _tree_digest(run)
     cfg = tiny_config(*RUN_ARGS[2:], f"checkpoint.dir={run}")
-    with pytest.raises(jaxlm.ConfigError, match=r"^no checkpoint in .* can be restored \(checkpoint step 20 .*--force"):
+    with pytest.raises(jaxlm.CheckpointError, match=r"^no checkpoint in .* can be restored \(checkpoint step 20 .*--force"):
         jaxlm.train(cfg, log=lambda _: None)
     assert _tree_digest(run) == before
 
