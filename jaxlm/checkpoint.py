@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -77,6 +78,7 @@ class Checkpointer:
             create=create,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the asynchronous save in flight
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -108,6 +110,7 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._saving = step
         except Exception as e:  # noqa: BLE001 - this save or the previous asynchronous one failed to write
             raise self._write_error(e) from e
 
@@ -194,6 +197,7 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the save in flight failed to write (disk full, read-only)
             raise self._write_error(e) from e
+        self._saving = None
 
     def close(self) -> None:
         try:
@@ -207,11 +211,24 @@ class Checkpointer:
             kept = sorted(self.manager.all_steps())
         except Exception:  # noqa: BLE001 - listing is best effort here
             kept = []
-        what = f"steps {', '.join(map(str, kept))} are kept" if kept else "no earlier checkpoint exists"
+        what = f"kept checkpoints: steps {', '.join(map(str, kept))}" if kept else "no earlier checkpoint exists"
+        step = "" if self._saving is None else f" step {self._saving}"
         return CheckpointError(
-            f"could not write a checkpoint to '{self.directory}' ({_first_line(e)}); {what} and the run "
-            "resumes from the newest; free disk space or make the directory writable, then run again"
+            f"could not write checkpoint{step} to '{self.directory}' ({_os_reason(e)}); {what} (a rerun "
+            "resumes from the newest); free disk space or make the directory writable, then run again"
         )
+
+
+def _os_reason(e: BaseException) -> str:
+    """The operating system's reason in a write error (``File too large (errno 27)``), else its first line."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.strerror:
+            return f"{x.strerror} (errno {x.errno})"
+    text = str(e)
+    m = re.search(r"([A-Z][A-Za-z ,']+) \[os_error_code='(\d+)'\]", text)
+    if m:
+        return f"{m.group(1)} (errno {m.group(2)})"
+    return _first_line(e)[:200]
 
 
 def _check_writable(directory: pathlib.Path) -> None:

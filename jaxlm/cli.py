@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 import typing
+import warnings
 
 
 def _warn(message: str) -> None:
@@ -48,10 +51,12 @@ def _generate(args: argparse.Namespace) -> None:
     from sharding import distributed
 
     distributed.initialize()
+    fields = {f.name for f in dataclasses.fields(jaxlm.config.DecodeConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    defaults = jaxlm.config.Config()  # the sampling flags are checked before the checkpoint is read
+    jaxlm.config.validate(defaults.replace(decode=dataclasses.replace(defaults.decode, **overrides)))
     model, cfg = jaxlm.restore(args.checkpoint, step=args.step, log=_warn)
-    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cfg.decode)} and v is not None}
-    decode = dataclasses.replace(cfg.decode, **overrides)
-    cfg = jaxlm.config.validate(cfg.replace(decode=decode))
+    cfg = jaxlm.config.validate(cfg.replace(decode=dataclasses.replace(cfg.decode, **overrides)))
     if args.chat:
         from jaxlm.interop.chat import chat
 
@@ -106,7 +111,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _prepare_data(args: argparse.Namespace) -> None:
     from jaxlm.prepare import prepare_data
 
-    meta = prepare_data(args.inputs, args.out, tokenizer_path=args.tokenizer, text_field=args.text_field)
+    meta = prepare_data(args.inputs, args.out, tokenizer_path=args.tokenizer, text_field=args.text_field,
+                        encoding_errors=args.encoding_errors)
     print(f"{args.out}: {meta['num_tokens']} tokens ({meta['dtype']}) in {meta['num_docs']} documents")
 
 
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to create (an existing one is refused)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: the embedded tokenizer)")
     p.add_argument("--text-field", dest="text_field", default="text", help="JSONL field holding the text")
+    p.add_argument("--encoding-errors", dest="encoding_errors", default="strict", choices=("strict", "replace", "ignore"),
+                   help="input bytes that are not UTF-8: stop (strict), replace with U+FFFD, or ignore them")
     p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from jaxlm.errors import JaxlmError
 
+    _one_line_errors_only()
     try:
         args.fn(args)
     except JaxlmError as e:
@@ -232,6 +241,22 @@ def main(argv: list[str] | None = None) -> int:
         print("jaxlm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class _DropCheckpointerErrorLogs(logging.Filter):
+    """Orbax logs each failed background write with its traceback, then raises it; the raised error
+    becomes the command's one line, so the logged copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _one_line_errors_only() -> None:
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DropCheckpointerErrorLogs) for f in absl.filters):
+        absl.addFilter(_DropCheckpointerErrorLogs())
+    # an asynchronous save cut short by an error leaves coroutines that were never awaited
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _one_line(e: BaseException) -> str:

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from jaxlm.config import ConfigError, DataConfig
+from jaxlm.errors import DataError
 from sharding.context import load_balance_order, sequence_shards
 from sharding.rules import logical_sharding
 
@@ -62,8 +63,16 @@ def tokenizer_hash(path: str = "") -> str:
 
 
 def load_tokenizer(path: str = "") -> Tokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer; the embedded byte-level BPE when ``path`` is empty."""
-    return Tokenizer.from_file(str(tokenizer_file(path)))
+    """A Hugging Face ``tokenizers`` tokenizer; the embedded byte-level BPE when ``path`` is empty.
+
+    Raises ConfigError when the file does not exist or is not a ``tokenizer.json``."""
+    p = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for a bad file
+        reason = " ".join(str(e).split())[:120]
+        raise ConfigError(f"tokenizer file '{p}' is not a Hugging Face tokenizer.json ({reason}); "
+                          "point to the tokenizer.json saved with the model") from None
 
 
 def eos_id(tokenizer: Tokenizer) -> int | None:
@@ -75,7 +84,20 @@ def load_text(path: str = "") -> str:
     p = pathlib.Path(path) if path else _asset("shakespeare.txt")
     if not p.is_file():
         raise ConfigError(f"text file '{p}' does not exist; set data.text_path to a UTF-8 text file")
-    return p.read_text(encoding="utf-8")
+    return read_utf8(p, hint="convert it to UTF-8")
+
+
+def read_utf8(p: pathlib.Path, errors: str = "strict", hint: str = "") -> str:
+    """The text of ``p``; DataError naming the byte offset when it is not UTF-8 (``errors="strict"``).
+
+    ``errors`` is Python's codec error handler: ``strict``, ``replace`` (U+FFFD) or ``ignore``.
+    """
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{p}' is not UTF-8 text: byte {e.start} is 0x{raw[e.start]:02x}"
+                        + (f"; {hint}" if hint else "")) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +144,9 @@ def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
     except FileNotFoundError:
         raise ConfigError(f"data.path '{d}' has no meta.json; it was not written by `jaxlm prepare-data`") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"'{meta_path}' is corrupt ({type(e).__name__}: {e}); prepare the data again") from None
+        raise DataError(f"'{meta_path}' is corrupt ({type(e).__name__}: {e}); prepare the data again") from None
     if version != FORMAT_VERSION:
-        raise ConfigError(f"'{d}' has format version {version}, this jaxlm reads {FORMAT_VERSION}; prepare the data again")
+        raise DataError(f"'{d}' has format version {version}, this jaxlm reads {FORMAT_VERSION}; prepare the data again")
     if want_hash != tokenizer_hash(tokenizer_path):
         raise ConfigError(
             f"'{d}' was tokenized with '{meta.get('tokenizer') or 'the embedded tokenizer'}', not with "
@@ -132,13 +154,13 @@ def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
         )
     tokens_path, docs_path = d / "tokens.bin", d / "docs.npy"
     if not tokens_path.is_file() or tokens_path.stat().st_size != n_tokens * dtype.itemsize:
-        raise ConfigError(f"'{tokens_path}' is missing or not {n_tokens} {dtype.name} tokens long; prepare the data again")
+        raise DataError(f"'{tokens_path}' is missing or not {n_tokens} {dtype.name} tokens long; prepare the data again")
     try:
         starts = np.load(docs_path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise ConfigError(f"'{docs_path}' is missing or unreadable ({e}); prepare the data again") from None
+        raise DataError(f"'{docs_path}' is missing or unreadable ({e}); prepare the data again") from None
     if starts.shape != (n_docs,) or n_docs == 0 or starts[0] != 0:
-        raise ConfigError(f"'{docs_path}' does not hold {n_docs} document starts from 0; prepare the data again")
+        raise DataError(f"'{docs_path}' does not hold {n_docs} document starts from 0; prepare the data again")
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
     return TokenStream(tokens, starts)
 

@@ -60,6 +60,23 @@ def device_memory_in_use() -> int | None:
     return None if not stats else int(stats.get("bytes_in_use", 0))
 
 
+def memory_capacity(devices: list[jax.Device]) -> int:
+    """Bytes the ``devices`` can hold together: their ``bytes_limit`` where the backend reports it,
+    else (CPU devices, which share the host's memory) the host's physical memory."""
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+    if all(limits):
+        return int(sum(limits))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def training_bytes(cfg: ModelConfig, microbatch: int, seq_len: int) -> int:
+    """A lower bound on the bytes one training step holds: parameters, gradients and two float32
+    optimizer moments per parameter, plus the float32 logits of one microbatch and their gradient."""
+    n_params, _ = count_params(cfg)
+    param_bytes = 2 if cfg.param_dtype == "bfloat16" else 4
+    return n_params * (2 * param_bytes + 8) + 2 * 4 * microbatch * seq_len * cfg.vocab_size
+
+
 class MetricsLog:
     """Per-step scalars to ``DIR/metrics.jsonl`` and TensorBoard event files in ``DIR/tensorboard``.
 

@@ -24,22 +24,49 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.errors import DataError
 from jaxlm.data import EOS_TOKEN, FORMAT_VERSION, load_tokenizer, tokenizer_hash
 
 _BATCH_DOCS = 256  # documents tokenized together (encode_batch runs them in parallel)
 
 
-def iter_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
-    """Document texts of ``.txt`` (whole file) and ``.jsonl`` (``text_field`` of each line) files, in order."""
+ENCODING_ERRORS = ("strict", "replace", "ignore")  # Python codec error handlers, as --encoding-errors
+
+
+def _not_utf8(p: pathlib.Path, offset: int, byte: int, where: str = "") -> DataError:
+    return DataError(
+        f"input '{p}'{where} is not UTF-8 text: byte {offset} is 0x{byte:02x}; convert it to UTF-8, or pass "
+        "--encoding-errors replace (or ignore) to replace (or drop) the bytes that are not"
+    )
+
+
+def iter_documents(paths: Iterable[str], text_field: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
+    """Document texts of ``.txt`` (whole file) and ``.jsonl`` (``text_field`` of each line) files, in order.
+
+    Text that is not UTF-8 raises DataError naming the file and byte offset, unless
+    ``encoding_errors`` is ``replace`` (U+FFFD) or ``ignore`` (the bytes are dropped).
+    """
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ConfigError(f"encoding_errors '{encoding_errors}' is not one of {', '.join(ENCODING_ERRORS)}")
     for name in paths:
         p = pathlib.Path(name)
         if not p.is_file():
-            raise ConfigError(f"input '{p}' does not exist")
+            raise ConfigError(f"input '{p}' does not exist" + (" (it is a directory)" if p.is_dir() else ""))
         if p.suffix == ".txt":
-            yield p.read_text(encoding="utf-8")
+            raw = p.read_bytes()
+            try:
+                yield raw.decode("utf-8", errors=encoding_errors)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(p, e.start, raw[e.start]) from None
         elif p.suffix == ".jsonl":
-            with p.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
+            with p.open("rb") as f:
+                offset = 0
+                for line_no, raw in enumerate(f, 1):
+                    start, offset = offset, offset + len(raw)
+                    try:
+                        line = raw.decode("utf-8", errors=encoding_errors)
+                    except UnicodeDecodeError as e:
+                        raise _not_utf8(p, start + e.start, raw[e.start], f" line {line_no}") from None
                     if not line.strip():
                         continue
                     try:
@@ -68,28 +95,44 @@ def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def prepare_data(inputs: list[str], out: str, tokenizer_path: str = "", text_field: str = "text") -> dict:
-    """Tokenize ``inputs`` into the directory ``out`` (which must not exist). Returns its meta.json."""
+def prepare_data(
+    inputs: list[str], out: str, tokenizer_path: str = "", text_field: str = "text", encoding_errors: str = "strict"
+) -> dict:
+    """Tokenize ``inputs`` into the directory ``out`` (which must not exist). Returns its meta.json.
+
+    ``encoding_errors`` (``strict`` | ``replace`` | ``ignore``) handles input bytes that are not
+    UTF-8. Raises ConfigError for a bad argument or an ``out`` that cannot be created, DataError
+    for input that cannot be read; nothing is left behind either way.
+    """
     out_dir = pathlib.Path(out)
     if out_dir.exists():
         raise ConfigError(f"output directory '{out_dir}' already exists; choose a new --out (nothing was written)")
     if not inputs:
         raise ConfigError("give at least one input .txt or .jsonl file")
+    for parent in out_dir.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out '{out_dir}': '{parent}' is a file, not a directory; choose another --out")
+    for name in inputs:  # every input checked before any work
+        if not pathlib.Path(name).is_file():
+            raise ConfigError(f"input '{name}' does not exist" + (" (it is a directory)" if pathlib.Path(name).is_dir() else ""))
     tokenizer = load_tokenizer(tokenizer_path)
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
         raise ConfigError(f"the tokenizer has no '{EOS_TOKEN}' token to end documents with; add it to the tokenizer")
     vocab = tokenizer.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot create --out '{out_dir}': {e.strerror or e}; choose a writable location") from None
     try:
         starts = array.array("q")  # 8 bytes a document
         n_tokens = 0
         with (tmp / "tokens.bin").open("wb") as f:
-            for batch in _batches(iter_documents(inputs, text_field), _BATCH_DOCS):
+            for batch in _batches(iter_documents(inputs, text_field, encoding_errors), _BATCH_DOCS):
                 for enc in tokenizer.encode_batch(batch):
                     ids = np.asarray(enc.ids + [eos], dtype=np.int64)
                     starts.append(n_tokens)

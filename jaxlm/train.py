@@ -33,7 +33,9 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
-from jaxlm.metrics import MetricsLog, device_memory_in_use, model_flops_per_token, peak_flops
+from jaxlm.metrics import (
+    MetricsLog, device_memory_in_use, memory_capacity, model_flops_per_token, peak_flops, training_bytes,
+)
 from jaxlm.model import Transformer
 from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
 from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
@@ -336,6 +338,20 @@ def _resume(
     return None
 
 
+def _check_fits(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError, before anything is allocated, when the model and batch cannot fit the mesh's memory."""
+    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+    need = training_bytes(cfg.model, micro, cfg.data.seq_len)
+    have = memory_capacity(list(mesh.devices.flat))
+    if need > have:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size}, model.embed_dim={cfg.model.embed_dim}, "
+            f"model.num_layers={cfg.model.num_layers} and train.batch_size={cfg.train.batch_size} need at least "
+            f"{need / 2**30:.3g} GiB (parameters, gradients, optimizer moments, logits) but the {mesh.size} devices "
+            f"hold {have / 2**30:.3g} GiB; make the model or the batch smaller, or raise train.grad_accum_steps"
+        )
+
+
 def _install_stop_handlers(stop: list[str]) -> Callable[[], None]:
     """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers.
 
@@ -373,6 +389,7 @@ def train(
     too many non-finite steps in a row raise :class:`TrainingDiverged`.
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+    _check_fits(cfg, mesh)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(

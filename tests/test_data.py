@@ -14,6 +14,7 @@ import jaxlm
 
 from jaxlm.build import build_model
 from jaxlm.config import ConfigError, DataConfig, MeshConfig
+from jaxlm.errors import DataError
 from jaxlm.data import (
     EOS_TOKEN, PackedLoader, TokenStream, load_splits, load_text, load_tokenizer, open_prepared, to_global_batch,
 )
@@ -240,7 +241,7 @@ def test_bad_data_paths_are_one_line(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="has no meta.json"):
         open_prepared(str(tmp_path / "empty"))
     (tmp_path / "empty" / "meta.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="meta.json' is corrupt"):
+    with pytest.raises(DataError, match="meta.json' is corrupt"):
         open_prepared(str(tmp_path / "empty"))
     other = tmp_path / "other_tokenizer.json"
     other.write_text(json.dumps(json.loads(load_tokenizer_json())))  # same vocabulary, different bytes
@@ -248,7 +249,7 @@ def test_bad_data_paths_are_one_line(tmp_path, tokenizer):
         open_prepared(str(tmp_path / "ok"), str(other))
     with open(tmp_path / "ok" / "tokens.bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(ConfigError, match="tokens.bin' is missing or not"):
+    with pytest.raises(DataError, match="tokens.bin' is missing or not"):
         open_prepared(str(tmp_path / "ok"))
     with pytest.raises(ConfigError, match="not both"):
         tiny_config(f"data.path={tmp_path / 'ok'}", "data.text_path=x.txt")

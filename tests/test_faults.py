@@ -356,3 +356,39 @@ def test_incompatible_run_directory_refused_unless_force(reference, tmp_path):
     ckpt = Checkpointer(run, create=False)
     assert ckpt.read_config().model.mlp_dim == 128
     ckpt.close()
+
+
+TIMING = ("step_time_s", "tokens_per_s", "mfu", "memory_bytes")  # wall-clock figures differ run to run
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.mark.slow
+def test_metrics_log_after_ten_random_kills_equals_the_uninterrupted_one(reference, tmp_path):
+    """kill -9 at 10 random moments (start-up and compilation, mid-run, around saves), resuming
+    each time: metrics.jsonl holds exactly one line per step, equal (timings aside) to the
+    uninterrupted run's, with no step missing or repeated."""
+    ref_run, _ = reference
+    run = tmp_path / "run"
+    args = (*RUN_ARGS, f"checkpoint.dir={run}", "checkpoint.keep=3")
+    rng = random.Random(20261129)
+    for kill in range(10):
+        live = _Live(*args)
+        try:
+            if kill % 3 == 0:
+                time.sleep(rng.uniform(0.5, 8.0))  # start-up, compilation or the first steps
+            else:
+                live.wait_for_step(rng.randint(1, 19))
+                time.sleep(rng.uniform(0.0, 0.3))
+        except AssertionError:
+            pass  # the run ended before the chosen moment: nothing left to kill
+        live.proc.kill()
+        live.finish()
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr
+    ref, got = _metrics(ref_run), _metrics(run)
+    assert [row["step"] for row in got] == list(range(1, 21))
+    assert got == ref

@@ -1,0 +1,315 @@
+"""Every CLI subcommand through a table of bad inputs: each gives its exit code, exactly one line
+on stderr (``jaxlm: error: ...``), no traceback, and changes no file of a previous run.
+
+The table runs in process through ``jaxlm.cli.main(argv)``; most inputs fail in argument or
+config validation before anything is compiled. A few run as real subprocesses (marked slow).
+"""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.cli import main
+from jaxlm.prepare import prepare_data
+from tests.conftest import REPO, tiny_config
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")  # byte 3 is 0xe9
+
+
+def _immutable(path: pathlib.Path) -> bool:
+    """Make ``path`` unwritable even for root (``chattr +i``); False where the file system cannot."""
+    os.chmod(path, 0o555)
+    if not os.access(path, os.W_OK):
+        return True  # not root: the mode is enough
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A previous run (a params-only checkpoint at steps 1 and 2, step 2 corrupt in a copy),
+    prepared data, and bad files of every kind."""
+    d = tmp_path_factory.mktemp("world")
+    cfg = tiny_config(f"checkpoint.dir={d / 'run'}")
+    model = jaxlm.build_model(cfg.model, seed=0)
+    ckpt = Checkpointer(d / "run", cfg.checkpoint)
+    for step in (1, 2):
+        ckpt.save(step, nnx.state(model), None, 0, cfg)
+        ckpt.wait()
+    ckpt.close()
+    (d / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.3}\n{"step": 2, "loss": 8.2}\n')
+    corrupt = d / "corrupt"
+    subprocess.run(["cp", "-r", str(d / "run"), str(corrupt)], check=True)
+    for f in (corrupt / "2" / "params").rglob("d/*"):
+        f.write_bytes(b"\0" * 8)
+    (d / "good.txt").write_text("To be, or not to be, that is the question.\n")
+    (d / "latin1.txt").write_bytes(NOT_UTF8)
+    (d / "binary.jsonl").write_bytes(b'{"text": "ok"}\n' + bytes(range(128, 256)) + b"\n")
+    (d / "notobj.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
+    (d / "empty.txt").write_text("")
+    (d / "table.csv").write_text("a,b\n")
+    (d / "latin1.yaml").write_bytes(b"train:\n  steps: 3 # caf\xe9\n")
+    (d / "bad.yaml").write_text("train: [1, 2\n")
+    (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "afile").write_text("not a directory\n")
+    (d / "not_tokenizer.json").write_text('{"hello": "world"}\n')
+    (d / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
+    (d / "empty_dir").mkdir()
+    prepare_data([str(d / "good.txt")], str(d / "data"))
+    (d / "locked").mkdir()
+    (d / "locked" / "keep.txt").write_text("kept\n")
+    locked = _immutable(d / "locked")
+    yield d, locked
+    subprocess.run(["chattr", "-i", str(d / "locked")], capture_output=True)
+    os.chmod(d / "locked", 0o755)
+
+
+def _fingerprint(root: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+# (subcommand, argv with {d} for the world directory, exit code, a fragment of the one line)
+TABLE = [
+    # ---- the command line itself (argparse)
+    ("-", [], 2, "the following arguments are required: command"),
+    ("-", ["fly"], 2, "invalid choice: 'fly'"),
+    ("-", ["--version-of-nothing"], 2, "the following arguments are required"),
+    ("rules", ["rules", "extra"], 2, "unrecognized arguments: extra"),
+    ("rules", ["rules", "--table"], 2, "unrecognized arguments: --table"),
+    # ---- train: arguments, config files, overrides, bounds, paths
+    ("train", ["train"], 2, "the following arguments are required: config"),
+    ("train", ["train", TINY, "--forse"], 2, "unrecognized arguments: --forse"),
+    ("train", ["train", "{d}/missing.yaml"], 2, "does not exist"),
+    ("train", ["train", "{d}/empty_dir"], 2, "is a directory, not a file"),
+    ("train", ["train", "{d}/latin1.yaml"], 2, "is not UTF-8 text (byte 23 is 0xe9)"),
+    ("train", ["train", "{d}/bad.yaml"], 2, "is not valid YAML"),
+    ("train", ["train", "{d}/list.yaml"], 2, "must hold a mapping of sections"),
+    ("train", ["train", TINY, "train.step=3"], 2, "unknown config key 'train.step'; did you mean 'steps'?"),
+    ("train", ["train", TINY, "modle.num_layers=3"], 2, "unknown config key 'modle'"),
+    ("train", ["train", TINY, "train.steps"], 2, "must look like section.key=value"),
+    ("train", ["train", TINY, "train.steps=ten"], 2, "'train.steps' must be int"),
+    ("train", ["train", TINY, "train.steps=["], 2, "does not parse"),
+    ("train", ["train", TINY, "train.steps={a: 1"], 2, "does not parse"),
+    ("train", ["train", TINY, "train.steps=2.5"], 2, "'train.steps' must be a whole number"),
+    ("train", ["train", TINY, "train.learning_rate=.nan"], 2, "'train.learning_rate' must be a finite number"),
+    ("train", ["train", TINY, "train.learning_rate=.inf"], 2, "'train.learning_rate' must be a finite number"),
+    ("train", ["train", TINY, "train.learning_rate=-1e-3"], 2, "'train.learning_rate' must be positive"),
+    ("train", ["train", TINY, "train.learning_rate=fast"], 2, "'train.learning_rate' must be float"),
+    ("train", ["train", TINY, "train.beta1=1.0"], 2, "'train.beta1' must be in [0, 1)"),
+    ("train", ["train", TINY, "train.beta2=2"], 2, "'train.beta2' must be in [0, 1)"),
+    ("train", ["train", TINY, "train.eps=0"], 2, "'train.eps' must be positive"),
+    ("train", ["train", TINY, "train.weight_decay=-1"], 2, "'train.weight_decay' must be >= 0"),
+    ("train", ["train", TINY, "train.grad_clip=-.inf"], 2, "'train.grad_clip' must be a finite number"),
+    ("train", ["train", TINY, "train.loss_scale_init=0"], 2, "'train.loss_scale_init' must be >= 1"),
+    ("train", ["train", TINY, "model.rope_theta=0"], 2, "'model.rope_theta' must be positive"),
+    ("train", ["train", TINY, "model.norm_eps=.nan"], 2, "'model.norm_eps' must be a finite number"),
+    ("train", ["train", TINY, "model.init_std=-0.02"], 2, "'model.init_std' must be positive"),
+    ("train", ["train", TINY, "model.vocab_size=1e20"], 2, "'model.vocab_size' must be a whole number"),
+    ("train", ["train", TINY, "model.vocab_size=100000000000000000000"], 2, "too large to allocate"),
+    ("train", ["train", TINY, "model.vocab_size=2000000000"], 2, "GiB (parameters, gradients, optimizer moments"),
+    ("train", ["train", TINY, "train.batch_size=1e12"], 2, "'train.batch_size' must be a whole number"),
+    ("train", ["train", TINY, "train.batch_size=1000000000000"], 2, "too large to allocate"),
+    ("train", ["train", TINY, "train.batch_size=0"], 2, "'train.batch_size' must be positive"),
+    ("train", ["train", TINY, "train.batch_size=12"], 2, "not divisible by the data-parallel size"),
+    ("train", ["train", TINY, "train.warmup_steps=1000"], 2, "'train.warmup_steps' must be in [0, train.steps=50]"),
+    ("train", ["train", TINY, "data.val_fraction=1.5"], 2, "'data.val_fraction' must be in (0, 1)"),
+    ("train", ["train", TINY, "data.seq_len=1"], 2, "'data.seq_len' must be >= 2"),
+    ("train", ["train", TINY, "model.num_heads=3"], 2, "is not divisible by model.num_kv_heads"),
+    ("train", ["train", TINY, "model.remat=some"], 2, "'model.remat' is 'some'"),
+    ("train", ["train", TINY, "mesh.data=3"], 2, "cannot fill 8 devices"),
+    ("train", ["train", TINY, "mesh.data=-1", "mesh.fsdp=-1"], 2, "may be -1"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/afile"], 2, "is a file, not a directory"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/afile/run"], 2, "is a file, not a directory"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/run", "model.embed_dim=32"], 2, "holds a run with a different model"),
+    ("train", ["train", TINY, "data.text_path={d}/latin1.txt"], 65, "is not UTF-8 text: byte 3 is 0xe9"),
+    ("train", ["train", TINY, "data.text_path={d}/missing.txt"], 2, "does not exist"),
+    ("train", ["train", TINY, "data.path={d}/afile"], 2, "is not a directory"),
+    ("train", ["train", TINY, "data.path={d}/empty_dir"], 2, "has no meta.json"),
+    ("train", ["train", TINY, "data.tokenizer_path={d}/not_tokenizer.json"], 2, "is not a Hugging Face tokenizer.json"),
+    ("train", ["train", TINY, "data.path={d}/data", "data.text_path={d}/good.txt"], 2, "not both"),
+    # ---- generate
+    ("generate", ["generate", "--prompt", "x"], 2, "the following arguments are required: --checkpoint"),
+    ("generate", ["generate", "--checkpoint", "{d}/run"], 2, "the following arguments are required: --prompt"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--max-new-tokens", "ten"], 2, "is not a whole number"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--max-new-tokens", "0"], 2, "must be positive"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--temperature", "hot"], 2, "invalid float value"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--temperature", "nan"], 2, "'decode.temperature' must be a finite"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--temperature", "-1"], 2, "'decode.temperature' must be >= 0"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--top-p", "0"], 2, "'decode.top_p' must be in (0, 1]"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--top-p", "1.5"], 2, "'decode.top_p' must be in (0, 1]"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--top-k", "-1"], 2, "must be >= 0"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--seed", "1.5"], 2, "is not a whole number"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--step", "-3"], 2, "must be >= 0"),
+    ("generate", ["generate", "--checkpoint", "{d}/missing", "--prompt", "x"], 2, "does not exist"),
+    ("generate", ["generate", "--checkpoint", "{d}/afile", "--prompt", "x"], 2, "does not exist"),
+    ("generate", ["generate", "--checkpoint", "{d}/empty_dir", "--prompt", "x"], 2, "no checkpoint found"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--step", "7"], 2, "checkpoint step 7 not found"),
+    ("generate", ["generate", "--checkpoint", "{d}/corrupt", "--prompt", "x", "--step", "2"], 74, "checkpoint step 2 in"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--chat"], 2, "--chat needs the model's own tokenizer"),
+    # ---- serve
+    ("serve", ["serve"], 2, "the following arguments are required: checkpoint"),
+    ("serve", ["serve", "{d}/run", "--port", "99999"], 2, "is not a TCP port"),
+    ("serve", ["serve", "{d}/run", "--port", "http"], 2, "is not a whole number"),
+    ("serve", ["serve", "{d}/run", "--num-pages", "0"], 2, "must be positive"),
+    ("serve", ["serve", "{d}/run", "--page-size", "x"], 2, "is not a whole number"),
+    ("serve", ["serve", "{d}/run", "--max-batch", "-1"], 2, "must be positive"),
+    ("serve", ["serve", "{d}/run", "--max-context", "0"], 2, "must be positive"),
+    ("serve", ["serve", "{d}/missing"], 2, "does not exist"),
+    ("serve", ["serve", "{d}/run", "--step", "9"], 2, "checkpoint step 9 not found"),
+    # ---- convert
+    ("convert", ["convert", "{d}/run"], 2, "the following arguments are required: dst"),
+    ("convert", ["convert", "{d}/run", "{d}/hf", "--dtype", "float64"], 2, "invalid choice: 'float64'"),
+    ("convert", ["convert", "{d}/missing", "{d}/out"], 2, "is neither a .gguf file"),
+    ("convert", ["convert", "{d}/good.txt", "{d}/out"], 2, "is neither a .gguf file"),
+    ("convert", ["convert", "{d}/good.txt", "{d}/run"], 2, "is not empty"),
+    # ---- prepare-data
+    ("prepare-data", ["prepare-data", "{d}/good.txt"], 2, "the following arguments are required: --out"),
+    ("prepare-data", ["prepare-data", "--out", "{d}/p"], 2, "the following arguments are required: inputs"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--encoding-errors", "skip"], 2, "invalid choice: 'skip'"),
+    ("prepare-data", ["prepare-data", "{d}/latin1.txt", "--out", "{d}/p"], 65, "latin1.txt' is not UTF-8 text: byte 3 is 0xe9; "),
+    ("prepare-data", ["prepare-data", "{d}/binary.jsonl", "--out", "{d}/p"], 65, "binary.jsonl' line 2 is not UTF-8 text: byte 15 is 0x80"),
+    ("prepare-data", ["prepare-data", "{d}/notobj.jsonl", "--out", "{d}/p"], 2, "notobj.jsonl:2 is not a JSON object"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--text-field", "body"], 0, None),
+    ("prepare-data", ["prepare-data", "{d}/table.csv", "--out", "{d}/p"], 2, "is neither .txt"),
+    ("prepare-data", ["prepare-data", "{d}/missing.txt", "--out", "{d}/p"], 2, "does not exist"),
+    ("prepare-data", ["prepare-data", "{d}/empty_dir", "--out", "{d}/p"], 2, "(it is a directory)"),
+    ("prepare-data", ["prepare-data", "{d}/empty.txt", "--out", "{d}/p"], 2, "the inputs hold no text"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/data"], 2, "already exists"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/afile/p"], 2, "is a file, not a directory"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--tokenizer", "{d}/not_tokenizer.json"], 2, "is not a Hugging Face tokenizer.json"),
+    ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--tokenizer", "{d}/missing.json"], 2, "does not exist"),
+]
+# prepare-data with --text-field on a .txt input is not bad input: it is here to show the table
+# tells the two apart (exit 0, nothing on stderr), and its output is removed again below.
+
+
+def _expand(argv, d):
+    return [a.replace("{d}", str(d)) for a in argv]
+
+
+def test_the_table_covers_every_subcommand_with_enough_inputs():
+    from jaxlm.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    counts = {c: sum(1 for row in TABLE if row[0] == c and row[2] != 0) for c in commands | {"-"}}
+    assert all(counts[c] >= 1 for c in commands), counts
+    assert sum(counts.values()) >= 60, counts
+
+
+@pytest.mark.parametrize("command, argv, code, fragment", TABLE, ids=lambda v: None)
+def test_bad_input_gives_one_line_and_changes_nothing(world, capsys, command, argv, code, fragment):
+    d, _ = world
+    before = _fingerprint(d)
+    rc = main(_expand(argv, d))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if code == 0:
+        assert rc == 0 and err == "", err
+        import shutil
+
+        shutil.rmtree(d / "p")
+        assert _fingerprint(d) == before
+        return
+    lines = err.splitlines()
+    assert rc == code, err
+    assert len(lines) == 1 and lines[0].startswith("jaxlm: error: "), err
+    assert _expand([fragment], d)[0] in lines[0], lines[0]
+    assert _fingerprint(d) == before  # no file of a previous run (or any input) changed
+    assert not (d / "p").exists() and not list(d.glob(".p.tmp-*"))  # nothing half-written left behind
+
+
+def test_read_only_checkpoint_dir_and_output_dir(world, capsys):
+    d, locked = world
+    if not locked:
+        pytest.skip("cannot make a directory read-only for this user on this file system")
+    before = _fingerprint(d)
+    rc = main(["train", TINY, f"checkpoint.dir={d / 'locked'}"])
+    err = capsys.readouterr().err
+    assert rc == 74 and len(err.splitlines()) == 1 and "cannot write to checkpoint directory" in err, err
+    rc = main(["prepare-data", str(d / "good.txt"), "--out", str(d / "locked" / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot create --out" in err, err
+    assert _fingerprint(d) == before
+
+
+def test_generate_on_a_corrupt_latest_checkpoint_falls_back_and_says_so(world, capsys):
+    d, _ = world
+    before = _fingerprint(d)
+    rc = main(["generate", "--checkpoint", str(d / "corrupt"), "--prompt", "ROMEO:", "--max-new-tokens", "3",
+               "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert len(err.splitlines()) == 1 and err.startswith("warning: checkpoint step 2 ") and "using step 1" in err, err
+    assert "--- prompt: 'ROMEO:'" in out
+    assert _fingerprint(d) == before  # the corrupt step is reported, not renamed: generate writes nothing
+
+
+def test_encoding_errors_replace_reads_what_strict_refuses(world, tmp_path, capsys):
+    d, _ = world
+    rc = main(["prepare-data", str(d / "latin1.txt"), "--out", str(tmp_path / "p"), "--encoding-errors", "replace"])
+    assert rc == 0, capsys.readouterr().err
+    tokens = (tmp_path / "p" / "tokens.bin").read_bytes()
+    want = jaxlm.load_tokenizer().encode("caf\ufffd au lait\n").ids
+    import numpy as np
+
+    np.testing.assert_array_equal(np.frombuffer(tokens, np.uint16)[:-1], want)
+
+
+def _jaxlm(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, code", [
+    (["train", TINY, "train.learning_rate=.nan"], 2),
+    ([], 2),
+    (["prepare-data", "{d}/latin1.txt", "--out", "{d}/p"], 65),
+    (["generate", "--checkpoint", "{d}/corrupt", "--prompt", "x", "--step", "2"], 74),
+])
+def test_as_real_processes(world, argv, code):
+    d, _ = world
+    before = _fingerprint(d)
+    r = _jaxlm(*_expand(argv, d))
+    assert r.returncode == code, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("jaxlm: error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert _fingerprint(d) == before
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
+    """``prlimit --fsize`` caps the size of any file the process writes (EFBIG, as a full disk
+    gives ENOSPC): the first save fails; the run stops with one line and the earlier steps stay."""
+    run = tmp_path / "run"
+    common = ["train", TINY, "train.warmup_steps=1", "train.progress=false", "train.eval_batches=1",
+              "train.eval_every=100", f"checkpoint.dir={run}", "checkpoint.save_every=2", "mesh.fsdp=1",
+              "mesh.data=1"]
+    env_1 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    first = _jaxlm(*common, "train.steps=2", env=dict(os.environ, PYTHONPATH=REPO, **env_1))
+    assert first.returncode == 0, first.stderr
+    before = _fingerprint(run)
+    r = subprocess.run(["prlimit", "--fsize=300000", sys.executable, "-m", "jaxlm.cli", *common, "train.steps=4"],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env_1), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 74, r.stderr[-3000:]
+    assert len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    assert "could not write checkpoint step 4" in r.stderr and "File too large" in r.stderr
+    assert "kept checkpoints: steps 2 (" in r.stderr
+    after = _fingerprint(run)
+    assert {k: v for k, v in after.items() if k.startswith("2/")} == {k: v for k, v in before.items() if k.startswith("2/")}
+    ckpt = Checkpointer(run, create=False)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
