@@ -230,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except OSError as e:  # a file the command writes or reads: full disk, read-only, missing
         where = f" '{e.filename}'" if e.filename else ""
-        print(f"jaxlm: error: cannot access{where}: {e.strerror or _one_line(e)} (nothing written before it was "
-              "lost; free space or fix the permissions, then run again)", file=sys.stderr)
+        print(f"jaxlm: error: cannot access{where}: {e.strerror or _one_line(e)}; free disk space or fix the "
+              "permissions, then run again (what was saved before is kept)", file=sys.stderr)
         return 74  # EX_IOERR, as CheckpointError
     except MemoryError:
         print("jaxlm: error: out of host memory; lower the model or batch size (model.*, train.batch_size)",
               file=sys.stderr)
+        return 1
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e)[:200]:
+            raise  # not a bad input: a bug, shown with its traceback
+        print(f"jaxlm: error: out of device memory ({_one_line(e)[:160]}); lower the model or batch size, "
+              "raise train.grad_accum_steps, or use more devices", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("jaxlm: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 
 import jax
 import numpy as np
@@ -37,8 +38,9 @@ def test_peak_table():
     assert peak_flops("cpu", "bfloat16") is None
 
 
-def _tensorboard_scalars(directory):
-    """Parse TFRecord event files by hand: {tag: [(step, value)]}."""
+def _tensorboard_scalars(directory, purge=False):
+    """Parse TFRecord event files by hand: {tag: [(step, value)]}. With ``purge``, a session
+    start at step T drops the events at steps >= T read before it, as TensorBoard does."""
     from tensorboardX.proto import event_pb2
 
     out = {}
@@ -50,6 +52,8 @@ def _tensorboard_scalars(directory):
             record = data[i + 12 : i + 12 + length]
             i += 12 + length + 4
             event = event_pb2.Event.FromString(record)
+            if purge and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in got if s < event.step] for tag, got in out.items()}
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
@@ -100,3 +104,27 @@ def test_training_writes_its_metrics_beside_the_checkpoints(tmp_path, devices, m
     ckpt = Checkpointer(run, create=False)  # the metrics files do not disturb the checkpoints
     assert ckpt.all_steps() == [3]
     ckpt.close()
+
+
+def test_resumed_log_drops_lines_past_the_restored_step_and_a_torn_line(tmp_path):
+    """A run killed after step 5 with its last checkpoint at step 3 left lines 1..5 and half of
+    line 6; the resumed log keeps lines 1..3, then continues from step 4. TensorBoard, applying
+    the purge the resumed writer records (as its reader does), sees each step once."""
+    rng = np.random.default_rng(1)
+    rows = [{"step": s, "loss": float(rng.uniform(1, 5))} for s in range(1, 6)]
+    first = MetricsLog(tmp_path)
+    for r in rows:
+        first.write(r["step"], r)
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    time.sleep(1.1)  # event file names carry the second they were opened in
+    log = MetricsLog(tmp_path, start_step=3)
+    log.write(4, {"loss": 0.5})
+    log.commit()
+    got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert got == rows[:3] + [{"step": 4, "loss": 0.5}]
+    log.close()
+    seen = _tensorboard_scalars(tmp_path / "tensorboard", purge=True)["train/loss"]
+    assert [s for s, _ in seen] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in seen], [r["loss"] for r in rows[:3]] + [0.5], rtol=1e-6)
