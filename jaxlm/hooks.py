@@ -39,6 +39,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxlm.errors import DistributedError
 from jaxlm.loop import TrainingDiverged
@@ -117,8 +118,6 @@ class PreemptionHook(Hook):
             if self.signals:
                 loop.request_stop(self.signals[0])
             return
-        from jax.experimental import multihost_utils
-
         try:
             reached = multihost_utils.reached_preemption_sync_point(loop.step)
         except RuntimeError as e:

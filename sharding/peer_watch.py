@@ -15,18 +15,19 @@ only jax's own heartbeat, when a jax version moves it.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from typing import Any, Callable
+
+from jax.experimental import multihost_utils
 
 KEY_PREFIX = "jaxlm/heartbeat/"
 
 
 def coordination_client() -> Any | None:
     """The connected ``DistributedRuntimeClient`` of ``jax.distributed.initialize``, or None."""
-    from jax.experimental import multihost_utils
-
     state = getattr(getattr(multihost_utils, "distributed", None), "global_state", None)
     client = getattr(state, "client", None)
     needed = ("key_value_set", "key_value_dir_get")
@@ -59,8 +60,6 @@ class PeerWatch(threading.Thread):
         self.stopped = threading.Event()
 
     def _exit(self, message: str) -> None:
-        import os
-
         print(f"jaxlm: error: {message}; ending process {self.me}", file=sys.stderr, flush=True)
         os._exit(self.exit_code)
 
