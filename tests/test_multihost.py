@@ -306,8 +306,7 @@ STOP_SNIPPET = """
 import json, sys, time
 from jaxlm.hooks import Hook
 
-class Paced(Hook):
-    \\"\\"\\"Announces every step on every process; the pause lets a signal land in the middle of the run.\\"\\"\\"
+class Paced(Hook):  # announces every step on every process; the pause lets a signal land mid-run
     every = 1
     def after_step(self, loop):
         print(f"at step {{loop.step}}", flush=True)
@@ -403,7 +402,7 @@ def final_checksums(run) -> dict:
         ckpt.close()
 
 
-def finish_both(job: Job, timeout: float = 120) -> list[dict]:
+def finish_both(job: Job, timeout: float = 300) -> list[dict]:
     reports = []
     for i in range(2):
         rc, report = job.finish(i, timeout)
@@ -416,7 +415,7 @@ def finish_both(job: Job, timeout: float = 120) -> list[dict]:
 def stop_reference(tmp_path_factory):
     """An uninterrupted two-process run: every step's loss and the final checkpoint's checksums."""
     tmp = tmp_path_factory.mktemp("stop-reference")
-    reports = finish_both(Job(tmp / "run", tmp, pace=0), timeout=180)
+    reports = finish_both(Job(tmp / "run", tmp, pace=0))
     assert reports[0] == reports[1] and reports[0]["stopped_by"] is None
     assert sorted(map(int, reports[0]["losses"])) == list(range(1, STOP_STEPS + 1))
     return reports[0]["losses"], final_checksums(tmp / "run")
