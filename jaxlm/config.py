@@ -136,6 +136,7 @@ class TrainConfig:
     max_consecutive_skips: PositiveInt = 5  # stop after this many non-finite steps in a row
     loss_scale_init: Annotated[float, Bounds(ge=1)] = 32768.0  # float16 compute only: the first dynamic loss scale
     loss_scale_period: PositiveInt = 200  # float16 compute only: finite steps before the scale doubles
+    profile_steps: tuple[int, ...] = ()  # [from, to]: a jax.profiler trace of these steps in <checkpoint.dir>/profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check one leaf value against its dataclass field type; ints widen to float, and a float
     written as text (``1e-3``, which YAML 1.1 reads as a string) is read as one."""
     typ = _base_type(typ)
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of whole numbers such as [10, 20], got {value!r}")
+        return tuple(value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -309,6 +314,11 @@ def validate(cfg: Config) -> Config:
         if flat[key] not in options:
             raise ConfigError(f"config key '{key}' is {flat[key]!r}; choose one of {', '.join(options)}")
     _check_bounds(cfg)
+    profile = cfg.train.profile_steps
+    if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1] <= INT_MAX):
+        raise ConfigError(f"config key 'train.profile_steps' must be [from, to] with 1 <= from <= to, got {list(profile)}")
+    if profile and not cfg.checkpoint.dir:
+        raise ConfigError("train.profile_steps writes its trace into <checkpoint.dir>/profile; set checkpoint.dir")
     m = cfg.model
     if m.rope_scaling == "llama3" and not (
         m.rope_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0

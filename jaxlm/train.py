@@ -9,17 +9,19 @@ Faults: a step whose loss or gradients are not finite, or whose update would mak
 an optimizer moment non-finite, is skipped inside the compiled step (parameters and optimizer
 state stay as they were; see :class:`TrainState` for the counters) and
 logged; ``train.max_consecutive_skips`` such steps in a row stop the run with
-:class:`TrainingDiverged`. SIGTERM or SIGINT saves a checkpoint at the current step and returns;
-an unreadable latest checkpoint is set aside with a warning and the previous one is used.
+:class:`TrainingDiverged`. SIGTERM or SIGINT saves a checkpoint at the current step and returns
+(with several processes, after a step they all agree on); an unreadable latest checkpoint is set
+aside with a warning and the previous one is used.
+
+The loop (:class:`TrainLoop`) only runs steps and reads their metrics; evaluation, checkpoints,
+the metrics log, printed lines, the progress bar, the preemption check and the profiler are hooks
+(:mod:`jaxlm.hooks`), and users add their own with ``train(..., hooks=[...])``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
-import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,23 +34,16 @@ from jaxlm.build import abstract_model, build_model, like_param_shardings, repli
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.errors import CheckpointError, JaxlmError
+from jaxlm.hooks import Hook, default_hooks
+from jaxlm.loop import TrainingDiverged, TrainLoop
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
-from jaxlm.metrics import (
-    MetricsLog, device_memory_in_use, memory_capacity, model_flops_per_token, peak_flops, training_bytes,
-)
+from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
 from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
 from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
 from sharding.mesh import make_mesh
 from sharding.pipeline import bubble_fraction, num_stages
 from sharding.rules import constrain, logical_sharding, mesh_axis_size, LOGICAL_RULES
-
-
-class TrainingDiverged(JaxlmError, RuntimeError):
-    """Too many consecutive steps had a non-finite loss, gradients or update; the run stopped
-    (exit code 1), or a state to be checkpointed was not finite (it is not saved)."""
-
-    exit_code = 1
 
 
 class TrainState(NamedTuple):
@@ -352,26 +347,6 @@ def _check_fits(cfg: Config, mesh: Mesh) -> None:
         )
 
 
-def _install_stop_handlers(stop: list[str]) -> Callable[[], None]:
-    """On SIGTERM/SIGINT append the signal's name to ``stop``; returns a function restoring the old handlers.
-
-    A second SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    signums = (signal.SIGTERM, signal.SIGINT)
-    old = {s: signal.getsignal(s) for s in signums}
-
-    def handler(signum, _frame):
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.append(signal.Signals(signum).name)
-
-    for s in signums:
-        signal.signal(s, handler)
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
-
-
 def train(
     cfg: Config,
     model: Transformer | None = None,
@@ -379,6 +354,7 @@ def train(
     mesh: Mesh | None = None,
     log: Callable[[str], None] = print,
     force: bool = False,
+    hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """Train ``model`` (a fresh one when None) for ``cfg.train.steps`` steps on ``mesh``.
 
@@ -386,7 +362,9 @@ def train(
     from the newest readable checkpoint found there (parameters, optimizer, loss scale and data
     position). ``force`` starts afresh in a directory holding a different model, after moving its
     checkpoints aside. SIGTERM/SIGINT save the current step and return early (``stopped_by``);
-    too many non-finite steps in a row raise :class:`TrainingDiverged`.
+    with several processes all stop after the same step. Too many non-finite steps in a row
+    raise :class:`TrainingDiverged`. ``hooks`` (:class:`jaxlm.hooks.Hook`) run after the
+    built-in ones (:func:`jaxlm.hooks.default_hooks`).
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     _check_fits(cfg, mesh)
@@ -418,119 +396,21 @@ def train(
     val_sampler = PackedLoader(splits.val, cfg.data.seq_len, t.batch_size, seed=0, shuffle=False)
     n_val = min(t.eval_batches, max(1, val_sampler.num_rows // t.batch_size))
     val_batches = [to_global_batch(val_sampler.batch(i), mesh) for i in range(n_val)]
-    val_before = _evaluate(trainer, state.params, val_batches)
+    evaluate = lambda params: _evaluate(trainer, params, val_batches)  # noqa: E731
+    val_before = evaluate(state.params)
     say(f"validation loss before: {val_before:.4f}  ({n_val} batches of {t.batch_size}x{cfg.data.seq_len})")
 
-    first = int(state.step)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
-    flops_per_step = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    device_peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
-    mesh_peak = None if device_peak is None else device_peak * mesh.size  # None: MFU not reported
-    # metrics.jsonl + tensorboard/ beside the checkpoints; lines past the restored step are dropped
-    metrics_log = MetricsLog(cfg.checkpoint.dir or None, start_step=first)
-    history: list[dict[str, float]] = []
-    skipped: list[int] = []
-    bar = None
-    if is_main and t.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=first, desc="train", dynamic_ncols=True)
-    pending: tuple[int, dict[str, jax.Array]] | None = None
-    last_time = time.perf_counter()
-    last_saved = first if resumed is not None else None
-
-    def show(message: str) -> None:
-        if bar is not None:
-            bar.write(message)  # printed above the bar, not into it
-        else:
-            say(message)
-
-    def record(step: int, metrics: dict[str, jax.Array]) -> None:
-        nonlocal last_time
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        step_time = max(now - last_time, 1e-9)  # between metric reads: includes compilation at first
-        values.update(step=step, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
-        if mesh_peak is not None:
-            values["mfu"] = flops_per_step / step_time / mesh_peak
-        memory = device_memory_in_use()
-        if memory is not None:
-            values["memory_bytes"] = float(memory)
-        last_time = now
-        history.append(values)
-        metrics_log.write(step, values)
-        if values["skipped"]:
-            skipped.append(step)
-            in_a_row = next((i for i, h in enumerate(reversed(history)) if not h["skipped"]), len(history))
-            show(
-                f"step {step}: non-finite loss, gradients or update (loss {values['loss']}), update skipped "
-                f"({in_a_row} in a row, {len(skipped)} in all)"
-            )
-            if in_a_row >= t.max_consecutive_skips:
-                where = f"; the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved else ""
-                raise TrainingDiverged(
-                    f"stopped at step {step}: {in_a_row} consecutive steps had a non-finite loss, gradients or update "
-                    f"(train.max_consecutive_skips={t.max_consecutive_skips}){where}; "
-                    "lower train.learning_rate or check the data"
-                )
-        if t.log_every and step % t.log_every == 0:
-            line = f"step {step}: loss {values['loss']:.9g} grad_norm {values['grad_norm']:.6g} lr {values['lr']:.6g}"
-            show(line + (f" loss_scale {values['loss_scale']:g}" if trainer.policy.loss_scaling else ""))
-        if bar is not None:
-            bar.update(1)
-            extra = {"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else {}
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}", **extra)
-
-    stop: list[str] = []
-    restore_handlers = _install_stop_handlers(stop)
-    try:
-        for step in range(first + 1, t.steps + 1):
-            batch = to_global_batch(sampler.batch(position), mesh)
-            position += 1
-            state, metrics = trainer.step(state, batch)
-            if pending is not None:  # read the previous step's metrics while this one runs
-                record(*pending)
-            pending = (step, metrics)
-            stopping = bool(stop)  # read once: a signal landing below waits for the next step
-            if step % t.eval_every == 0 and step != t.steps and not stopping:
-                record(*pending)
-                pending = None
-                val = _evaluate(trainer, state.params, val_batches)
-                metrics_log.write(step, {"val_loss": val})
-                show(f"step {step}: validation loss {val:.4f}")
-            if ckpt is not None and (step % cfg.checkpoint.save_every == 0 or step == t.steps or stopping):
-                last_saved = step  # saved below, also when this step's record ends the run
-                diverged = None
-                try:
-                    if pending is not None:
-                        record(*pending)
-                except TrainingDiverged as e:
-                    diverged = e
-                pending = None
-                metrics_log.commit()  # every line up to this step is on disk before the checkpoint can commit
-                trainer.save(ckpt, step, state, position)
-                if diverged is not None:
-                    raise diverged
-            if stopping:
-                if pending is not None:
-                    record(*pending)
-                    pending = None
-                show(f"received {stop[0]} at step {step}: " + ("checkpoint saved, stopping" if ckpt else "stopping"))
-                break
-        if pending is not None:
-            record(*pending)
-    finally:
-        restore_handlers()
-        metrics_log.close()
-        if bar is not None:
-            bar.close()
-        if ckpt is not None:
-            ckpt.wait()
-            ckpt.close()
-    val_after = float("nan") if stop else _evaluate(trainer, state.params, val_batches)
-    if not stop:
+    loop = TrainLoop(
+        trainer, state, position, lambda i: to_global_batch(sampler.batch(i), mesh),
+        [*default_hooks(cfg, ckpt, evaluate, trainer.policy.loss_scaling, is_main), *hooks],
+        t.steps, say, ckpt=ckpt, last_saved=int(state.step) if resumed is not None else None,
+    )
+    loop.run()
+    stopped = loop.stop_reason
+    val_after = float("nan") if stopped else evaluate(loop.state.params)
+    if not stopped:
         say(f"validation loss after:  {val_after:.4f}")
     return TrainResult(
-        nnx.merge(trainer.graphdef, state.params), history, val_before, val_after,
-        stopped_by=stop[0] if stop else None, skipped_steps=tuple(skipped),
+        nnx.merge(trainer.graphdef, loop.state.params), loop.history, val_before, val_after,
+        stopped_by=stopped, skipped_steps=tuple(loop.skipped),
     )

@@ -5,12 +5,13 @@
 #   scripts/launch_local.sh 2 configs/tiny.yaml train.steps=20 checkpoint.dir=runs/two
 #
 # Each process gets its own simulated CPU devices (LOCAL_DEVICES, default 2) and the explicit
-# JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID that sharding.distributed reads;
+# JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID that jax.distributed.initialize reads;
 # the coordinator listens on a free port of 127.0.0.1. The script waits for every process; when
 # one fails it stops the others and exits with the failing process's status.
 #
 # Environment: PYTHON (default: python3), LOCAL_DEVICES (default 2), JAXLM_HEARTBEAT_TIMEOUT_S
-# and JAXLM_INIT_TIMEOUT_S (passed through; see sharding/distributed.py).
+# and JAXLM_INIT_TIMEOUT_S (passed through; see docs/cluster.md). SIGTERM to any one process stops
+# all of them after the same step, with one checkpoint; the same command resumes.
 set -u
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
