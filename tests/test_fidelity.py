@@ -246,14 +246,37 @@ def test_generate_tokens_stops_at_any_eos_like_transformers_generate(hf_dir, jax
 
 
 @pytest.fixture(scope="module")
-def server(hf_dir, jax_model):
-    """An HTTP server in this process over an Engine for the tiny model (Llama 2 template, EOS set)."""
+def engine(hf_dir, jax_model):
+    path, _, _, eos = hf_dir
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return Engine(jax_model[0], num_pages=32, page_size=16, max_batch=2, max_context=160, prefill_chunk=32,
+                  tokenizer=tok, eos_token_id=eos)
+
+
+def test_the_engine_stops_at_the_eos_set_and_decodes_against_the_prompt(hf_dir, engine):
+    _, hf_model, fast, eos = hf_dir
+    prompt_ids = fast("hello world")["input_ids"]
+    expected = _hf_greedy(hf_model, prompt_ids, 12, list(eos))
+    out = engine.generate([Request("hello world", max_tokens=12, temperature=0.0)])[0]
+    assert out.prompt_ids == prompt_ids  # BOS exactly as the tokenizer's encode adds it
+    assert out.token_ids == expected and out.finish_reason == "stop"
+    text = _reference_continuation(fast, prompt_ids, expected)
+    assert out.text == text
+    free = _hf_greedy(hf_model, prompt_ids, 12, None)
+    out = engine.generate([Request("hello world", max_tokens=12, temperature=0.0, ignore_eos=True)])[0]
+    assert out.token_ids == free and out.finish_reason == "length"
+    out = engine.generate([Request("hello world", max_tokens=12, temperature=0.0, ignore_eos=True,
+                                   stop_token_ids=(free[2],))])[0]
+    assert out.token_ids == free[: free.index(free[2]) + 1] and out.finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def server(hf_dir, engine):
+    """An HTTP server in this process over the engine (Llama 2 chat template, the EOS set)."""
     from jaxlm.serve.server import EngineLoop, make_handler
 
-    path, _, fast, eos = hf_dir
+    path = hf_dir[0]
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    engine = Engine(jax_model[0], num_pages=32, page_size=16, max_batch=2, max_context=64, prefill_chunk=32,
-                    tokenizer=tok, eos_token_id=eos)
     template = ChatTemplate(LLAMA2, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     loop = EngineLoop(engine).start()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(loop, "tiny", lambda m: template.prompt_ids(tok, m)))
@@ -280,16 +303,12 @@ def _streamed(body: str) -> tuple[str, str]:
     return text, chunks[-1]["choices"][0]["finish_reason"]
 
 
-def test_engine_and_both_endpoints_stop_at_the_eos_set_with_the_same_text(hf_dir, server):
+def test_both_endpoints_stop_at_the_eos_set_with_the_same_text_streamed_or_not(hf_dir, server):
     path, hf_model, fast, eos = hf_dir
-    url, engine = server
+    url, _ = server
     prompt_ids = fast("hello world")["input_ids"]
     expected = _hf_greedy(hf_model, prompt_ids, 12, list(eos))
-    out = engine.generate([Request("hello world", max_tokens=12, temperature=0.0)])[0]
-    assert out.prompt_ids == prompt_ids  # BOS exactly as the tokenizer's encode adds it
-    assert out.token_ids == expected and out.finish_reason == "stop"
     text = _reference_continuation(fast, prompt_ids, expected)
-    assert out.text == text and text.startswith(" ")  # the leading space survives
     body = {"prompt": "hello world", "max_tokens": 12, "temperature": 0}
     status, plain = _post(url, "/v1/completions", body)
     assert status == 200 and json.loads(plain)["choices"][0] == {"index": 0, "finish_reason": "stop", "text": text}
@@ -305,6 +324,7 @@ def test_engine_and_both_endpoints_stop_at_the_eos_set_with_the_same_text(hf_dir
     text = _reference_continuation(fast, chat_ids, expected)
     chat = {"messages": messages, "max_tokens": 12, "temperature": 0}
     status, reply = _post(url, "/v1/chat/completions", chat)
+    assert status == 200, reply
     reply = json.loads(reply)
     assert reply["usage"]["prompt_tokens"] == len(chat_ids)  # one BOS, as apply_chat_template gives
     assert reply["choices"][0]["message"]["content"] == text

@@ -150,7 +150,7 @@ def _same_tensor(files: dict[str, pathlib.Path], a: str, b: str, rows: int = 819
         if sa.get_shape() != sb.get_shape():
             return False
         n = sa.get_shape()[0]
-        return all(np.array_equal(sa[i:i + rows], sb[i:i + rows]) for i in range(0, n, rows))
+        return all(np.array_equal(sa[i:min(i + rows, n)], sb[i:min(i + rows, n)]) for i in range(0, n, rows))
 
 
 def _mesh_config(mesh: Mesh | None) -> MeshConfig:
