@@ -37,7 +37,7 @@ from jaxlm.config import DecodeConfig  # noqa: E402
 from jaxlm.detokenize import IncrementalDetokenizer, decode_continuation  # noqa: E402
 from jaxlm.generate import generate_tokens  # noqa: E402
 from jaxlm.interop import from_hf, to_hf  # noqa: E402
-from jaxlm.interop.chat import ChatTemplate, ChatTemplateError, load_chat_template  # noqa: E402
+from jaxlm.interop.chat import ChatTemplate, ChatTemplateError, end_of_turn_id, load_chat_template  # noqa: E402
 from jaxlm.interop.eos import eos_token_ids  # noqa: E402
 from jaxlm.serve import Engine, Request  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -215,6 +215,11 @@ def test_a_template_that_fails_raises_its_own_message(hf_dir):
     with pytest.raises(ChatTemplateError) as got:
         ChatTemplate(LLAMA2, {"bos_token": "<s>", "eos_token": "</s>"}).render(bad)
     assert str(ref.value) in str(got.value) and "roles must alternate" in str(got.value)
+    broken = ChatTemplate("{% for m in messages %}{{ m.content }", {})  # a syntax error: found only when rendered
+    with pytest.raises(ChatTemplateError, match="failed to render"):
+        broken.render(bad)
+    with pytest.warns(UserWarning, match="end-of-turn"):  # what `jaxlm serve` does at start: warn, keep going
+        assert end_of_turn_id(broken, fast.backend_tokenizer) is None
 
 
 # ------------------------------------------------------------------------------------------ end of sequence

@@ -143,7 +143,7 @@ class ChatTemplate:
         return tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
 
-def _tokenizer_config(tokenizer_path: str | pathlib.Path) -> dict[str, Any]:
+def tokenizer_config(tokenizer_path: str | pathlib.Path) -> dict[str, Any]:
     folder = pathlib.Path(tokenizer_path).parent
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
@@ -156,7 +156,7 @@ def load_chat_template(tokenizer_path: str | pathlib.Path) -> ChatTemplate | Non
     """The chat template found beside ``tokenizer.json`` (``tokenizer_config.json`` or
     ``chat_template.jinja``), or None when the model has none."""
     folder = pathlib.Path(tokenizer_path).parent
-    config = _tokenizer_config(tokenizer_path)
+    config = tokenizer_config(tokenizer_path)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -43,14 +43,14 @@ def generation_config_eos(folder: str | pathlib.Path) -> list[int]:
 def eos_token_ids(tokenizer_path: str | pathlib.Path, tokenizer: Tokenizer) -> tuple[int, ...]:
     """The sorted EOS set of the model whose ``tokenizer.json`` is ``tokenizer_path`` (see the module
     docstring); ``""`` means the embedded tokenizer. Ids outside the tokenizer's vocabulary are dropped."""
-    from jaxlm.interop.chat import _tokenizer_config, end_of_turn_id, load_chat_template
+    from jaxlm.interop.chat import tokenizer_config, end_of_turn_id, load_chat_template
 
     if not tokenizer_path:
         eos = embedded_eos_id(tokenizer)
         return () if eos is None else (eos,)
     folder = pathlib.Path(tokenizer_path).parent
     ids = set(generation_config_eos(folder))
-    token = _tokenizer_config(tokenizer_path).get("eos_token")
+    token = tokenizer_config(tokenizer_path).get("eos_token")
     token = token.get("content") if isinstance(token, dict) else token
     if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
         ids.add(tokenizer.token_to_id(token))
