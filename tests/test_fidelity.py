@@ -244,10 +244,10 @@ def test_generate_tokens_stops_at_any_eos_like_transformers_generate(hf_dir, jax
     for p, g in zip(prompts, got):
         assert g == _hf_greedy(hf_model, p, GREEDY.max_new_tokens, list(eos))
     assert got[0][-1] in eos and len(got[0]) < GREEDY.max_new_tokens
-    free = generate_tokens(model, prompts[:1], GREEDY, eos_token_id=eos, ignore_eos=True)[0]
-    assert free == _hf_greedy(hf_model, prompts[0], GREEDY.max_new_tokens, None)
-    extra = free[1]
-    assert generate_tokens(model, prompts[:1], GREEDY, eos_token_id=eos, ignore_eos=True, stop_token_ids=[extra])[0] == free[:2]
+    free = generate_tokens(model, prompts, GREEDY, eos_token_id=eos, ignore_eos=True)  # same shapes: no recompiling
+    assert free[0] == _hf_greedy(hf_model, prompts[0], GREEDY.max_new_tokens, None)
+    stopped = generate_tokens(model, prompts, GREEDY, eos_token_id=eos, ignore_eos=True, stop_token_ids=[free[0][1]])[0]
+    assert stopped == free[0][: free[0].index(free[0][1]) + 1]
 
 
 @pytest.fixture(scope="module")
