@@ -347,6 +347,35 @@ def test_a_chat_template_error_is_a_400_with_its_message(server):
     assert status == 200  # the server keeps serving
 
 
+def test_a_gguf_declares_its_eos_and_end_of_turn_ids_and_both_join_the_set(tmp_path):
+    """A GGUF file's tokenizer.ggml.eos_token_id and eot_token_id (as Llama 3 GGUFs carry) become
+    generation_config.json eos_token_id, and with the template's end of turn form the EOS set."""
+    import gguf
+
+    from jaxlm.interop.gguf import write_tokenizer_files
+
+    tokens = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "ab", "<|begin|>", "<|end_of_text|>", "<|eot|>", "<|turn_end|>"]
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 28 + [3] * 4)
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(28)
+    writer.add_eos_token_id(29)
+    writer.add_eot_token_id(30)
+    writer.add_chat_template("{% for m in messages %}{{ m.content }}<|turn_end|>{% endfor %}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok_path = write_tokenizer_files(path, tmp_path / "tokenizer")
+    generation = json.loads((tmp_path / "tokenizer" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 28, "eos_token_id": [29, 30]}
+    assert eos_token_ids(tok_path, Tokenizer.from_file(str(tok_path))) == (29, 30, 31)
+
+
 # ------------------------------------------------------------------------------------------ import and export
 def test_an_lm_head_contradicting_tied_embeddings_loads_as_transformers_loads_it(hf_dir, tmp_path):
     from safetensors.torch import load_file, save_file
