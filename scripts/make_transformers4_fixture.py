@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,12 @@ def read_with_transformers(model_dir: str) -> dict:
     }
 
 
+def dumps(record: dict) -> str:
+    """JSON with every innermost list of numbers on one line (a logits row per line)."""
+    text = json.dumps(record, indent=1)
+    return re.sub(r"\[\n\s+([-0-9.e,\s]+?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tf4-python", help="python of an environment with transformers 4.x and torch")
@@ -86,7 +93,7 @@ def main() -> None:
             cases[case] = {"model": CASES[case], "config_json": (out / "config.json").read_text(), **seen}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     record = {"seed": SEED, "input_ids": INPUT_IDS, "cases": cases}
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
+    OUT.write_text(dumps(record))
     print(f"wrote {OUT.relative_to(REPO)} (transformers {next(iter(cases.values()))['transformers_version']})")
 
 
