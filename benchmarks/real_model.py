@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from jaxlm.config import DecodeConfig  # noqa: E402
 from jaxlm.generate import generate_tokens  # noqa: E402
-from jaxlm.interop.chat import end_of_turn_id, load_chat_template, render_chat  # noqa: E402
+from jaxlm.interop.chat import load_chat_template  # noqa: E402
+from jaxlm.interop.eos import eos_token_ids  # noqa: E402
 from jaxlm.interop.gguf import from_gguf, write_tokenizer_files  # noqa: E402
 
 PROMPT = "Write a short poem about the sea."
@@ -60,14 +61,12 @@ def main() -> None:
 
     tok_dir = pathlib.Path(tempfile.mkdtemp())
     tokenizer = Tokenizer.from_file(str(write_tokenizer_files(path, tok_dir)))
-    template, tok_config = load_chat_template(tok_dir / "tokenizer.json")
-    prompt = render_chat(template, [{"role": "user", "content": PROMPT}])
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    eot = end_of_turn_id(template, tokenizer, tok_config)
+    ids = load_chat_template(tok_dir / "tokenizer.json").prompt_ids(tokenizer, [{"role": "user", "content": PROMPT}])
+    eot = list(eos_token_ids(tok_dir / "tokenizer.json", tokenizer))
 
     model, _ = from_gguf(path)
     decode = DecodeConfig(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    t_jax, jax_ids = best_time(lambda: generate_tokens(model, [ids], decode, eos_id=eot)[0], args.repeats)
+    t_jax, jax_ids = best_time(lambda: generate_tokens(model, [ids], decode, eos_token_id=eot)[0], args.repeats)
 
     import torch
     import transformers
@@ -77,16 +76,16 @@ def main() -> None:
 
     def hf_generate():
         with torch.no_grad():
-            out = ref.generate(inputs, do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eot, pad_token_id=eot)
+            out = ref.generate(inputs, do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eot, pad_token_id=eot[0])
         return out[0, len(ids):].tolist()
 
     t_hf, hf_ids = best_time(hf_generate, args.repeats)
 
     same = jax_ids == hf_ids
     print(f"prompt ({len(ids)} tokens): {PROMPT!r}")
-    print(f"--- jaxlm ({len(jax_ids)} tokens):\n{tokenizer.decode([t for t in jax_ids if t != eot])}")
+    print(f"--- jaxlm ({len(jax_ids)} tokens):\n{tokenizer.decode([t for t in jax_ids if t not in eot])}")
     if not same:
-        print(f"--- transformers ({len(hf_ids)} tokens):\n{tokenizer.decode([t for t in hf_ids if t != eot])}")
+        print(f"--- transformers ({len(hf_ids)} tokens):\n{tokenizer.decode([t for t in hf_ids if t not in eot])}")
     print(f"greedy outputs identical: {same}")
     print(f"\nCPU {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; float32, batch 1, best of {args.repeats}\n")

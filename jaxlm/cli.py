@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     import jaxlm
+    from jaxlm.interop.eos import eos_token_ids
     from sharding import distributed
 
     distributed.initialize()
@@ -57,16 +58,20 @@ def _generate(args: argparse.Namespace) -> None:
     jaxlm.config.validate(defaults.replace(decode=dataclasses.replace(defaults.decode, **overrides)))
     model, cfg = jaxlm.restore(args.checkpoint, step=args.step, log=_warn)
     cfg = jaxlm.config.validate(cfg.replace(decode=dataclasses.replace(cfg.decode, **overrides)))
+    tokenizer = jaxlm.load_tokenizer(cfg.data.tokenizer_path)
+    eos = () if args.ignore_eos else eos_token_ids(cfg.data.tokenizer_path, tokenizer)
+    eos += tuple(args.stop_token_ids)
     if args.chat:
         from jaxlm.interop.chat import chat
 
         if not cfg.data.tokenizer_path:
             raise jaxlm.ConfigError("--chat needs the model's own tokenizer; convert the model with `jaxlm convert`")
-        for prompt, out in zip(args.prompt, chat(model, args.prompt, cfg.decode, tokenizer_path=cfg.data.tokenizer_path)):
+        outs = chat(model, args.prompt, cfg.decode, tokenizer_path=cfg.data.tokenizer_path, eos_token_id=eos)
+        for prompt, out in zip(args.prompt, outs):
             print(f"--- user: {prompt}")
             print(out)
         return
-    outs = jaxlm.generate(model, args.prompt, cfg.decode, tokenizer=jaxlm.load_tokenizer(cfg.data.tokenizer_path))
+    outs = jaxlm.generate(model, args.prompt, cfg.decode, tokenizer=tokenizer, eos_token_id=eos)
     for prompt, out in zip(args.prompt, outs):
         print(f"--- prompt: {prompt!r}")
         print(prompt + out)
@@ -74,23 +79,19 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import jaxlm
-    from jaxlm.data import eos_id
+    from jaxlm.interop.chat import load_chat_template
+    from jaxlm.interop.eos import eos_token_ids
     from jaxlm.serve import Engine
     from jaxlm.serve.server import serve
 
     model, cfg = jaxlm.restore(args.checkpoint, step=args.step, log=_warn)
     tokenizer = jaxlm.load_tokenizer(cfg.data.tokenizer_path)
-    stop_id, render_chat = eos_id(tokenizer), None
-    if cfg.data.tokenizer_path:  # an instruct model converted with its chat template: use it
-        from jaxlm.interop.chat import chat_renderer
-
-        template = chat_renderer(cfg.data.tokenizer_path, tokenizer)
-        if template is not None:
-            render_chat, stop_id = template
+    template = load_chat_template(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
     try:
         engine = Engine(
             model, num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
-            max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer, eos_id=stop_id,
+            max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer,
+            eos_token_id=eos_token_ids(cfg.data.tokenizer_path, tokenizer),
         )
     except ValueError as e:
         raise jaxlm.ConfigError(str(e)) from None
@@ -99,7 +100,9 @@ def _serve(args: argparse.Namespace) -> None:
     def ready(address):
         print(f"serving {args.checkpoint} on http://{address[0]}:{address[1]}", flush=True)
 
-    serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready, render_chat=render_chat)
+    chat_prompt_ids = (lambda messages: template.prompt_ids(tokenizer, messages)) if template is not None else None
+    serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready,
+          chat_prompt_ids=chat_prompt_ids)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -181,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", dest="top_p", type=float)
     g.add_argument("--seed", type=_non_negative_int)
     g.add_argument("--chat", action="store_true", help="treat each prompt as a user message in the model's chat template")
+    g.add_argument("--stop-token-id", dest="stop_token_ids", type=_non_negative_int, action="append", default=[],
+                   help="also stop at this token id (repeat for several); the model's EOS set always stops")
+    g.add_argument("--ignore-eos", dest="ignore_eos", action="store_true",
+                   help="do not stop at the model's EOS set (runs to --max-new-tokens or a --stop-token-id)")
     g.set_defaults(fn=_generate)
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /metrics")
     s.add_argument("checkpoint", help="run directory written by `jaxlm train`")

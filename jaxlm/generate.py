@@ -21,6 +21,7 @@ from jaxlm.cache import init_cache
 from jaxlm.config import ConfigError, DecodeConfig
 from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
+from jaxlm.detokenize import decode_continuation
 from jaxlm.model import Transformer
 from sharding.mesh import fold_sequence_axis
 from sharding.rules import LOGICAL_RULES, mesh_axis_size
@@ -70,7 +71,7 @@ def _generate(model, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos,
     def body(carry):
         i, token, cache, rng, out, done = carry
         out = out.at[:, i].set(jnp.where(done, -1, token))
-        done = done | (token == eos)
+        done = done | jnp.isin(token, eos)
         logits, cache = model(token[:, None], (lengths_B + i)[:, None], cache)
         rng, sub = jax.random.split(rng)
         token = sample_logits(logits[:, 0], sub, temperature, top_k, top_p)
@@ -103,18 +104,30 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def stop_ids(eos_token_id: int | Sequence[int] | None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> tuple[int, ...]:
+    """The ids that end a sequence: the EOS set (unless ``ignore_eos``) plus ``stop_token_ids``."""
+    eos = () if eos_token_id is None or ignore_eos else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    return tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
+
+
 def generate_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     cfg: DecodeConfig = DecodeConfig(),
     *,
-    eos_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
     mesh: Mesh | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt (token ids); returns the new ids, stopping after EOS (kept) or max tokens.
+    """Continue each prompt (token ids); returns the new ids, stopping after max tokens or after any id
+    of the EOS set ``eos_token_id`` (one id or several, as transformers' ``generate`` takes it) or of
+    ``stop_token_ids`` (the stopping id is kept). ``ignore_eos`` disregards the EOS set.
 
     Runs on ``mesh``, by default the mesh the model's parameters live on.
     """
+    stop = stop_ids(eos_token_id, stop_token_ids, ignore_eos)
+    stop += (-1,) * (_round_up(len(stop) + 1, 8) - len(stop))  # a few shapes, so few compiled programs
     model, mesh = decoding_placement(model, mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -132,7 +145,7 @@ def generate_tokens(
     args = (
         model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
         jnp.float32(cfg.temperature), jnp.int32(cfg.top_k), jnp.float32(cfg.top_p),
-        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.asarray(stop, jnp.int32),
     )
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, cache_len=cache_len)
     if mesh is None:
@@ -150,11 +163,21 @@ def generate(
     cfg: DecodeConfig = DecodeConfig(),
     *,
     tokenizer: Tokenizer | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
     mesh: Mesh | None = None,
 ) -> list[str]:
-    """Text in, text out: each prompt's continuation (without the prompt)."""
+    """Text in, text out: each prompt's continuation (without the prompt).
+
+    Prompts are encoded with the tokenizer's own special tokens (BOS exactly when its ``encode``
+    adds one). ``eos_token_id`` defaults to the tokenizer's ``<|endoftext|>``; pass the model's EOS
+    set (:func:`jaxlm.interop.eos.eos_token_ids`) for converted models. The text is decoded against
+    the prompt (:mod:`jaxlm.detokenize`), so ``prompt + text`` reads as the whole sequence decodes.
+    """
     tokenizer = tokenizer or load_tokenizer()
     ids = [tokenizer.encode(p).ids for p in prompts]
-    eos = tokenizer_eos_id(tokenizer)
-    new = generate_tokens(model, ids, cfg, eos_id=eos, mesh=mesh)
-    return [tokenizer.decode([t for t in seq if t != eos]) for seq in new]
+    eos = tokenizer_eos_id(tokenizer) if eos_token_id is None else eos_token_id
+    stop = stop_ids(eos, stop_token_ids, ignore_eos)
+    new = generate_tokens(model, ids, cfg, eos_token_id=stop, mesh=mesh)
+    return [decode_continuation(tokenizer, p, seq[:-1] if seq and seq[-1] in stop else seq) for p, seq in zip(ids, new)]

@@ -182,13 +182,13 @@ def test_seeded_sampling_ignores_batch_company(engine, small_engine, prompts):
 def test_eos_and_stop_strings_end_a_request(model, engine, prompts, reference):
     eos = reference[3][4]
     e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2,
-               eos_id=eos)
+               eos_token_id=eos)
     out = e.generate([Request(prompts[3], max_tokens=12, temperature=0.0)])[0]
     assert out.token_ids == reference[3][: reference[3].index(eos) + 1] and out.finish_reason == "stop"
 
     tok = load_tokenizer()
     e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2,
-               tokenizer=tok, eos_id=eos_id(tok))
+               tokenizer=tok, eos_token_id=eos_id(tok))
     full = e.generate([Request("ROMEO:", max_tokens=12, temperature=0.0)])[0]
     assert full.text == tok.decode(full.token_ids) and full.finish_reason == "length"
     stop = full.text[len(full.text) // 2:][:2]

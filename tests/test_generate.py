@@ -65,7 +65,7 @@ def test_model_on_pipeline_stages_decodes_like_one_device(model, devices):
 def test_eos_stops_only_its_sequence(model):
     full = generate_tokens(model, PROMPTS, GREEDY)
     eos = full[1][2]
-    stopped = generate_tokens(model, PROMPTS, GREEDY, eos_id=eos)
+    stopped = generate_tokens(model, PROMPTS, GREEDY, eos_token_id=eos)
     assert stopped[1] == full[1][: full[1].index(eos) + 1]
     for s, f in zip(stopped, full):
         cut = f.index(eos) + 1 if eos in f else len(f)

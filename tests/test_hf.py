@@ -138,7 +138,7 @@ def test_greedy_generation_matches_transformers(hf_models, name):
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor(prompts, dtype=torch.long), do_sample=False, max_new_tokens=new,
                                 eos_token_id=2, pad_token_id=0)[:, prompts.shape[1]:].numpy()
-    got = generate_tokens(model, prompts.tolist(), DecodeConfig(temperature=0.0, max_new_tokens=new), eos_id=2)
+    got = generate_tokens(model, prompts.tolist(), DecodeConfig(temperature=0.0, max_new_tokens=new), eos_token_id=2)
     for row_ref, row_got in zip(ref, got):
         row_ref = list(row_ref)
         if 2 in row_ref:  # transformers pads after EOS; jaxlm stops there
@@ -307,7 +307,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch):
     """The real model: our dequantise + unpermute against transformers' own GGUF loader and tokenizer."""
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from jaxlm.interop.chat import end_of_turn_id, render_chat
+    from jaxlm.interop.chat import end_of_turn_id, load_chat_template
     from jaxlm.interop.gguf import gguf_tokenizer, write_tokenizer_files
 
     path = _smollm2_gguf()
@@ -318,11 +318,11 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch):
         assert tok.encode(text).ids == ref_tok(text)["input_ids"], text
 
     write_tokenizer_files(path, tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    template = load_chat_template(tmp_path / "tokenizer.json")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = render_chat(config["chat_template"], messages)
+    prompt = template.render(messages)
     assert prompt == ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert tok.id_to_token(end_of_turn_id(config["chat_template"], tok, config)) == "<|im_end|>"
+    assert tok.id_to_token(end_of_turn_id(template, tok)) == "<|im_end|>"
 
     model, cfg = from_gguf(path)
     assert (cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.tie_embeddings) == (30, 9, 3, True)
@@ -333,6 +333,6 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch):
     with torch.no_grad():
         ref_new = ref_model.generate(torch.tensor(ids, dtype=torch.long), do_sample=False, max_new_tokens=new,
                                      eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:].tolist()
-    got = generate_tokens(model, ids.tolist(), DecodeConfig(temperature=0.0, max_new_tokens=new), eos_id=2)[0]
+    got = generate_tokens(model, ids.tolist(), DecodeConfig(temperature=0.0, max_new_tokens=new), eos_token_id=2)[0]
     assert got == ref_new
     assert "Paris" in tok.decode(got)

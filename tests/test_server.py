@@ -176,19 +176,20 @@ def test_chat_messages_use_the_models_template_when_it_has_one(tmp_path):
     from tokenizers import AddedToken
 
     from jaxlm.data import load_tokenizer
-    from jaxlm.interop.chat import chat_renderer
+    from jaxlm.interop.chat import end_of_turn_id, load_chat_template
     from jaxlm.serve.server import _chat_prompt
 
     tok = load_tokenizer()
-    assert chat_renderer(tmp_path / "tokenizer.json", tok) is None  # no template beside it: plain lines
+    assert load_chat_template(tmp_path / "tokenizer.json") is None  # no template beside it: plain lines
     tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
     tok.save(str(tmp_path / "tokenizer.json"))
     chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
-    render, end_of_turn = chat_renderer(tmp_path / "tokenizer.json", tok)
+    template = load_chat_template(tmp_path / "tokenizer.json")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert _chat_prompt(messages, render) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    assert end_of_turn == tok.token_to_id("<|im_end|>")
+    text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert template.render(messages) == text
+    assert _chat_prompt(messages, lambda m: template.prompt_ids(tok, m)) == tok.encode(text, add_special_tokens=False).ids
+    assert end_of_turn_id(template, tok) == tok.token_to_id("<|im_end|>")
     assert _chat_prompt(messages) == "system: Be brief.\nuser: Hi\nassistant:"

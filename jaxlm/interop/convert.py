@@ -2,13 +2,15 @@
 
 * SRC a Hugging Face directory (``config.json`` + safetensors) or a ``.gguf`` file -> DST a jaxlm
   checkpoint directory (params-only, step 0) that ``jaxlm generate --checkpoint DST`` reads. The
-  tokenizer (and chat template) goes into ``DST/tokenizer/``.
+  tokenizer, chat template and ``generation_config.json`` (the EOS set, :mod:`jaxlm.interop.eos`)
+  go into ``DST/tokenizer/``.
 * SRC a jaxlm checkpoint directory -> DST a Hugging Face directory (``to_hf``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import shutil
 
@@ -19,6 +21,13 @@ from jaxlm.config import CheckpointConfig, Config, ConfigError
 from jaxlm.interop.gguf import from_gguf, write_tokenizer_files
 from jaxlm.interop.hf import TOKENIZER_FILES, from_hf, to_hf
 from jaxlm.model import Transformer
+
+
+def write_generation_config(hf_config: dict, out_dir: pathlib.Path) -> None:
+    """``generation_config.json`` from a ``config.json``'s token ids, as transformers derives it
+    (``GenerationConfig.from_model_config``) when a model ships none: the EOS set travels with the checkpoint."""
+    keep = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+    (out_dir / "generation_config.json").write_text(json.dumps(keep, indent=2) + "\n")
 
 
 def _is_checkpoint(path: pathlib.Path) -> bool:
@@ -56,6 +65,8 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "f
                 tok_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / name, tok_dir / name)
                 tokenizer = tok_dir / "tokenizer.json" if name == "tokenizer.json" else tokenizer
+        if tokenizer is not None and not (src / "generation_config.json").is_file():
+            write_generation_config(json.loads((src / "config.json").read_text()), tok_dir)
     else:
         raise ConfigError(f"'{src}' is neither a .gguf file, a Hugging Face directory (config.json) nor a jaxlm checkpoint")
     data = dataclasses.replace(cfg.data, tokenizer_path=str(tokenizer) if tokenizer else "")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, validate
 from jaxlm.interop.hf import _mesh_config
@@ -148,24 +148,43 @@ def gguf_tokenizer(path: str | pathlib.Path) -> Tokenizer:
     tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "gpt2"))
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL])
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:  # encode() adds BOS, as llama.cpp does
+        bos_token = tokens[int(bos)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, int(bos))])
     return tok
+
+
+_SPECIAL_IDS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}  # tokenizer_config key -> GGUF key
+_END_IDS = ("eos", "eot", "eom")  # GGUF ids that end generation (end of text, of turn, of message)
 
 
 def write_tokenizer_files(path: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
     """Write a GGUF file's tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` (chat template,
-    BOS/EOS) into ``out_dir``, the way a Hugging Face model directory holds them. Returns tokenizer.json."""
+    BOS/EOS/UNK/PAD) + ``generation_config.json`` (``eos_token_id``: the file's ``eos_token_id``,
+    ``eot_token_id`` and ``eom_token_id``) into ``out_dir``, the way a Hugging Face model directory
+    holds them. Returns tokenizer.json."""
     reader = _reader(path)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     gguf_tokenizer(path).save(str(out / "tokenizer.json"))
     config: dict[str, Any] = {}
-    for key in ("bos", "eos"):
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+    for key, gguf_key in _SPECIAL_IDS.items():
+        token_id = _field(reader, f"tokenizer.ggml.{gguf_key}_token_id")
         if token_id is not None:
             config[f"{key}_token"] = tokens[int(token_id)]
     template = _field(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation: dict[str, Any] = {}
+    if _field(reader, "tokenizer.ggml.bos_token_id") is not None:
+        generation["bos_token_id"] = int(_field(reader, "tokenizer.ggml.bos_token_id"))
+    ends = sorted({int(_field(reader, f"tokenizer.ggml.{k}_token_id")) for k in _END_IDS
+                   if _field(reader, f"tokenizer.ggml.{k}_token_id") is not None})
+    if ends:
+        generation["eos_token_id"] = ends[0] if len(ends) == 1 else ends
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out / "tokenizer.json"

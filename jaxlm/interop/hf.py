@@ -10,6 +10,7 @@ and reads, for every device, only the rows of each tensor its shard covers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, validate
-from jaxlm.interop.layout import build_state, to_hf_tensors
+from jaxlm.interop.layout import build_state, hf_tensor_names, to_hf_tensors
 from jaxlm.model import Transformer
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -87,11 +88,16 @@ def model_config_from_hf(hf: dict[str, Any], *, tie_default: bool, dtype: str = 
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
-    """The ``config.json`` dict for ``cfg`` (Qwen2 when it has q/k/v biases, else Llama)."""
+    """The ``config.json`` dict for ``cfg`` (Qwen2 when it has q/k/v biases, else Llama).
+
+    RoPE is written as ``rope_theta`` at top level plus ``rope_scaling`` (null, or the llama3 dict),
+    the form transformers 4.x reads and 5.x converts into its ``rope_parameters``: both read the
+    same model (``tests/test_fidelity.py`` checks 5.x live and 4.x against a saved fixture).
+    """
     kind = "qwen2" if cfg.qkv_bias else "llama"
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    scaling: dict[str, Any] | None = None
     if cfg.rope_scaling == "llama3":
-        rope.update(
+        scaling = dict(
             rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_len,
         )
@@ -108,7 +114,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
         "torch_dtype": cfg.param_dtype,
     }
     if kind == "llama":
@@ -127,6 +134,23 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         raise ConfigError(f"'{path}' has neither model.safetensors nor model.safetensors.index.json")
     with safe_open(str(single), framework="numpy") as f:
         return {name: single for name in f.keys()}
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _ignored_buffers(files) -> set[str]:  # buffers transformers also skips: RoPE frequencies it recomputes
+    return {n for n in files if n.endswith("rotary_emb.inv_freq")}
+
+
+def _same_tensor(files: dict[str, pathlib.Path], a: str, b: str, rows: int = 8192) -> bool:
+    """Whether tensors ``a`` and ``b`` hold the same values (compared a block of rows at a time)."""
+    with safe_open(str(files[a]), framework="numpy") as fa, safe_open(str(files[b]), framework="numpy") as fb:
+        sa, sb = fa.get_slice(a), fb.get_slice(b)
+        if sa.get_shape() != sb.get_shape():
+            return False
+        n = sa.get_shape()[0]
+        return all(np.array_equal(sa[i:min(i + rows, n)], sb[i:min(i + rows, n)]) for i in range(0, n, rows))
 
 
 def _mesh_config(mesh: Mesh | None) -> MeshConfig:
@@ -148,6 +172,17 @@ def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = 
     files = _tensor_files(path)
     hf = json.loads((path / "config.json").read_text())
     model_cfg = model_config_from_hf(hf, tie_default="lm_head.weight" not in files, dtype=dtype)
+    if model_cfg.tie_embeddings and "lm_head.weight" in files and not _same_tensor(files, "lm_head.weight", EMBED):
+        warnings.warn(  # transformers >= 5 does the same: it unties them rather than drop the tensor
+            f"'{path}': tensor lm_head.weight differs from {EMBED} although tie_word_embeddings is true; "
+            "loading it as a separate output layer, as transformers does",
+            stacklevel=2,
+        )
+        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+    unused = sorted(set(files) - set(hf_tensor_names(model_cfg)) - _ignored_buffers(files))
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        warnings.warn(f"'{path}': tensors the model does not use: {', '.join(unused[:3])}{more}", stacklevel=2)
     tokenizer = path / "tokenizer.json"
     cfg = validate(Config(
         model=model_cfg, mesh=_mesh_config(mesh),

@@ -69,6 +69,14 @@ def leaves(cfg: ModelConfig) -> dict[tuple[str, ...], Leaf]:
     return table
 
 
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+    """Every Hugging Face tensor name a model of ``cfg`` reads (each layer's spelled out)."""
+    names = []
+    for leaf in leaves(cfg).values():
+        names += [leaf.hf_name.format(i=i) for i in range(cfg.num_layers)] if leaf.stacked else [leaf.hf_name]
+    return names
+
+
 def _key_name(k: Any) -> str:
     return str(getattr(k, "key", getattr(k, "name", k)))
 

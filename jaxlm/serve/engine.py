@@ -31,7 +31,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
-from jaxlm.generate import decoding_placement, sample_logits
+from jaxlm.detokenize import IncrementalDetokenizer
+from jaxlm.generate import decoding_placement, sample_logits, stop_ids
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.metrics import EngineMetrics
@@ -58,11 +59,14 @@ def _forward_and_sample(graphdef, state, k_pool, v_pool, tokens_BxT, positions_B
 
 @dataclasses.dataclass
 class Event:
-    """What one step produced for one request: its new tokens, and its output once finished."""
+    """What one step produced for one request: its new tokens, the text that became final with
+    them (empty without a tokenizer; all deltas of a request concatenate to its output's text),
+    and its output once finished."""
 
     request_id: str
     new_token_ids: list[int]
     output: Output | None = None
+    text: str = ""
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,6 +77,9 @@ class _Sequence:
     tokens: list[int]  # prompt + generated
     seed: int
     arrival: float
+    stop_ids: frozenset[int]  # ids that end it: the engine's EOS set (unless ignore_eos) + stop_token_ids
+    detok: IncrementalDetokenizer | None  # its text, decoded against the prompt
+    sent: int = 0  # characters of the text already handed out in events
     num_cached: int = 0  # tokens whose keys/values are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     admitted: int = -1  # admission order: higher is more recent
@@ -100,7 +107,8 @@ class Engine:
     ``max_context``: tokens a request may hold (prompt + max_tokens), rounded up to whole pages.
     ``max_batch``: sequences in the running batch. ``prefill_chunk``: prompt tokens one sequence
     feeds per step; ``prefill_batch``: sequences prefilled per step (both rounded up to fit the
-    mesh's data-parallel axes). ``tokenizer`` lets requests carry text; ``eos_id`` ends a sequence.
+    mesh's data-parallel axes). ``tokenizer`` lets requests carry text and outputs have text;
+    ``eos_token_id`` (one id or the model's EOS set, :func:`jaxlm.interop.eos.eos_token_ids`) ends a sequence.
     Runs on ``mesh``, by default the mesh the model's parameters live on.
     """
 
@@ -115,7 +123,7 @@ class Engine:
         prefill_chunk: int = 64,
         prefill_batch: int = 1,
         tokenizer=None,
-        eos_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         clock=time.perf_counter,
     ):
@@ -136,7 +144,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_batch = _round_up(prefill_batch, rows)
         self.tokenizer = tokenizer
-        self.eos_id = eos_id
+        self.eos_token_ids = stop_ids(eos_token_id)
         self.allocator = PageAllocator(num_pages)
         self.metrics = EngineMetrics(clock)
         self._clock = clock
@@ -168,6 +176,9 @@ class Engine:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if request.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this engine has none")
+        bad = [t for t in request.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         total = len(ids) + request.max_tokens
         if total > self.max_context:
             raise RequestError(
@@ -183,7 +194,9 @@ class Engine:
         ids = self.check(request)
         rid = request.request_id or f"req-{next(self._ids)}"
         seed = request.seed if request.seed is not None else secrets.randbits(31)
-        self._waiting.append(_Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock()))
+        stop = frozenset(stop_ids(self.eos_token_ids, request.stop_token_ids, request.ignore_eos))
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        self._waiting.append(_Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock(), stop, detok))
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -327,31 +340,34 @@ class Engine:
         else:
             self.metrics.record_inter_token(now - seq.last_token_s)
         seq.last_token_s = now
-        reason = None
-        if token == self.eos_id:
-            reason = "stop"
-        elif seq.request.stop and any(s in self._text(seq, cut=False) for s in seq.request.stop):
-            reason = "stop"
-        elif len(seq.generated) >= seq.request.max_tokens:
+        reason, end = None, None
+        if token in seq.stop_ids:
+            reason = "stop"  # the stopping token stays out of the text
+        elif seq.detok is not None:
+            seq.detok.push([token])
+        text = seq.detok.text if seq.detok is not None else ""
+        if reason is None and seq.request.stop:  # a stop string can only begin in text not yet sent
+            hits = [i for i in (text.find(s, seq.sent) for s in seq.request.stop) if i >= 0]
+            if hits:
+                reason, end = "stop", min(hits)
+        if reason is None and len(seq.generated) >= seq.request.max_tokens:
             reason = "length"
+        if reason is None:  # hold back an incomplete character and what may begin a stop string
+            end = seq.detok.stable if seq.detok is not None else 0
+            end -= max((k for s in seq.request.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
+        end = len(text) if end is None else end
+        delta, seq.sent = text[seq.sent:end], max(seq.sent, end)
         if reason is None:
-            return Event(seq.request_id, [token])
+            return Event(seq.request_id, [token], text=delta)
         self.allocator.free(seq.pages)
         seq.pages = []
         self._slots[seq.slot], seq.slot = None, -1
         self.metrics.record_finished()
         out = Output(
-            seq.request_id, seq.prompt_ids, seq.generated, self._text(seq), reason, seq.preemptions, seq.first_token_s
+            seq.request_id, seq.prompt_ids, seq.generated, text[:end] if seq.detok is not None else None, reason,
+            seq.preemptions, seq.first_token_s,
         )
-        return Event(seq.request_id, [token], out)
-
-    def _text(self, seq: _Sequence, cut: bool = True) -> str | None:
-        """The generated text without end-of-sequence, cut before the first stop string."""
-        if self.tokenizer is None:
-            return None
-        text = self.tokenizer.decode([t for t in seq.generated if t != self.eos_id])
-        cuts = [text.find(s) for s in seq.request.stop if s in text] if cut else []
-        return text[: min(cuts)] if cuts else text
+        return Event(seq.request_id, [token], out, delta)
 
     # ---------------------------------------------------------------- convenience loops
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[str, list[int]]]:

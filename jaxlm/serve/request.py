@@ -15,8 +15,9 @@ class Request:
     """One completion request. ``prompt`` is text (needs the engine's tokenizer) or token ids.
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Generation stops after
-    ``max_tokens`` new tokens, at the end-of-sequence token (kept in ``token_ids``), or once the
-    text contains one of ``stop`` (the text is cut before it). ``seed`` fixes the sampling: the
+    ``max_tokens`` new tokens, at any id of the engine's EOS set (unless ``ignore_eos``) or of
+    ``stop_token_ids`` (kept in ``token_ids``, left out of the text), or once the text contains one
+    of ``stop`` (the text is cut before it). ``seed`` fixes the sampling: the
     same request with the same seed gives the same tokens whatever else the engine is running.
     """
 
@@ -28,6 +29,8 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     request_id: str | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -42,6 +45,11 @@ class Request:
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError("stop must be a tuple of non-empty strings")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise RequestError("stop_token_ids must be a list of token ids (integers)")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if isinstance(self.prompt, str):
             if not self.prompt:
                 raise RequestError("prompt must not be empty")
@@ -57,6 +65,6 @@ class Output:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
+    finish_reason: str  # "stop" (an EOS or stop token, or a stop string) | "length" (max_tokens)
     preemptions: int = 0
     time_to_first_token_s: float = 0.0

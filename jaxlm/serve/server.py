@@ -9,8 +9,12 @@
 One engine thread (:class:`EngineLoop`) runs the scheduler; HTTP threads enqueue their request
 and wait for its events. A malformed request gets a 400 with ``{"error": {"message": ...}}``.
 Chat messages are rendered with the model's own chat template when its tokenizer folder carries
-one (converted instruct models, see :mod:`jaxlm.interop.chat`); otherwise they are joined as
-``role: content`` lines followed by ``assistant:``.
+one (converted instruct models, see :mod:`jaxlm.interop.chat`) into the prompt ids transformers'
+``apply_chat_template(..., tokenize=True, add_generation_prompt=True)`` gives (a template that
+fails to render answers 400 with its message); otherwise they are joined as ``role: content``
+lines followed by ``assistant:`` and encoded like a completion prompt. Generation stops at any id
+of the engine's EOS set; ``stop_token_ids`` adds ids, ``ignore_eos`` turns the set off. Text,
+streamed or not, comes from the engine's incremental detokenizer (:mod:`jaxlm.detokenize`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from jaxlm.interop.chat import ChatTemplateError
 from jaxlm.serve.engine import Engine, Event
 from jaxlm.serve.metrics import prometheus_text
 from jaxlm.serve.request import Request, RequestError
@@ -40,6 +45,8 @@ _COMMON = {  # field -> (accepted JSON types, default)
     "stop": ((str, list), None),
     "seed": ((int,), None),
     "stream": ((bool,), False),
+    "stop_token_ids": ((list,), None),
+    "ignore_eos": ((bool,), False),
 }
 _FIELDS = {
     "/v1/completions": {"prompt": ((str, list), None), **_COMMON},
@@ -115,10 +122,10 @@ class _BadRequest(Exception):
     pass
 
 
-def _parse(path: str, body: bytes, render_chat=None) -> tuple[dict[str, Any], Request]:
+def _parse(path: str, body: bytes, chat_prompt_ids=None) -> tuple[dict[str, Any], Request]:
     """The request body's fields and the engine request they describe, or :class:`_BadRequest`.
 
-    ``render_chat(messages) -> prompt text`` is the model's chat template, if it has one.
+    ``chat_prompt_ids(messages) -> prompt ids`` applies the model's chat template, if it has one.
     """
     try:
         data = json.loads(body)
@@ -136,8 +143,11 @@ def _parse(path: str, body: bytes, render_chat=None) -> tuple[dict[str, Any], Re
     get = {k: (data[k] if data.get(k) is not None else default) for k, (_, default) in fields.items()}
     stop = get["stop"]
     stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    stop_token_ids = get["stop_token_ids"] or []
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
+        raise _BadRequest(f"field 'stop_token_ids' must be a list of token ids, got {json.dumps(stop_token_ids)}")
     if path == "/v1/chat/completions":
-        prompt = _chat_prompt(get["messages"], render_chat)
+        prompt = _chat_prompt(get["messages"], chat_prompt_ids)
     else:
         prompt = get["prompt"]
         if prompt is None:
@@ -145,11 +155,13 @@ def _parse(path: str, body: bytes, render_chat=None) -> tuple[dict[str, Any], Re
     request = Request(
         prompt if isinstance(prompt, str) else list(prompt), max_tokens=get["max_tokens"], temperature=get["temperature"],
         top_k=get["top_k"], top_p=get["top_p"], stop=stop, seed=get["seed"], request_id=f"cmpl-{uuid.uuid4().hex[:24]}",
+        stop_token_ids=tuple(stop_token_ids), ignore_eos=get["ignore_eos"],
     )
     return get, request
 
 
-def _chat_prompt(messages: Any, render_chat=None) -> str:
+def _chat_prompt(messages: Any, chat_prompt_ids=None) -> str | list[int]:
+    """The prompt for chat ``messages``: ids from the model's template, else ``role: content`` lines."""
     if not messages:
         raise _BadRequest("field 'messages' is required: a non-empty list of {\"role\", \"content\"} objects")
     lines = []
@@ -159,30 +171,15 @@ def _chat_prompt(messages: Any, render_chat=None) -> str:
         if m["role"] not in ("system", "user", "assistant"):
             raise _BadRequest(f"message role must be system, user or assistant, got {json.dumps(m['role'])}")
         lines.append(f"{m['role']}: {m['content']}\n")
-    return render_chat(messages) if render_chat is not None else "".join(lines) + "assistant:"
+    if chat_prompt_ids is None:
+        return "".join(lines) + "assistant:"
+    try:
+        return chat_prompt_ids(messages)
+    except ChatTemplateError as e:
+        raise _BadRequest(str(e)) from None
 
 
-class _TextStream:
-    """Token ids in, text deltas out: never sends text a stop string may still cut, nor half a character."""
-
-    def __init__(self, tokenizer, eos_id: int | None, stop: tuple[str, ...]):
-        self.tokenizer, self.eos_id, self.stop = tokenizer, eos_id, stop
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def push(self, event: Event) -> str:
-        if event.output is not None:
-            text = event.output.text or ""
-        else:
-            self.ids += [t for t in event.new_token_ids if t != self.eos_id]
-            text = self.tokenizer.decode(self.ids)
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold].rstrip("\ufffd")
-        delta, self.sent = text[self.sent:], max(self.sent, len(text))
-        return delta
-
-
-def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
+def make_handler(loop: EngineLoop, model_name: str, chat_prompt_ids=None):
     engine = loop.engine
 
     class Handler(BaseHTTPRequestHandler):
@@ -217,7 +214,7 @@ def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
                 return self._error(404, f"no route POST {self.path}; try /v1/completions or /v1/chat/completions")
             try:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fields, request = _parse(self.path, body, render_chat)
+                fields, request = _parse(self.path, body, chat_prompt_ids)
                 engine.check(request)
             except (_BadRequest, RequestError, ValueError) as e:
                 return self._error(400, str(e))
@@ -262,7 +259,6 @@ def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            text = _TextStream(engine.tokenizer, engine.eos_id, request.stop)
             head = {"id": request.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": int(time.time()), "model": model_name}
             first = True
@@ -272,7 +268,7 @@ def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
                     if isinstance(item, Exception):
                         self._sse({"error": {"message": str(item), "type": "server_error"}})
                         break
-                    delta = text.push(item)
+                    delta = item.text
                     reason = item.output.finish_reason if item.output is not None else None
                     if delta or reason:
                         if chat:
@@ -297,11 +293,14 @@ def make_handler(loop: EngineLoop, model_name: str, render_chat=None):
 
 
 def serve(
-    engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxlm", ready=None, render_chat=None
+    engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "jaxlm", ready=None, chat_prompt_ids=None
 ) -> None:
-    """Serve until interrupted. ``ready(address)`` is called once the socket listens."""
+    """Serve until interrupted. ``ready(address)`` is called once the socket listens.
+
+    ``chat_prompt_ids(messages) -> ids`` renders chat requests (``ChatTemplate.prompt_ids``), if the model has a template.
+    """
     loop = EngineLoop(engine).start()
-    server = ThreadingHTTPServer((host, port), make_handler(loop, model_name, render_chat))
+    server = ThreadingHTTPServer((host, port), make_handler(loop, model_name, chat_prompt_ids))
     server.daemon_threads = True
     if ready is not None:
         ready(server.server_address)
