@@ -266,10 +266,10 @@ def test_encoding_errors_replace_reads_what_strict_refuses(world, tmp_path, caps
     np.testing.assert_array_equal(np.frombuffer(tokens, np.uint16)[:-1], want)
 
 
-def _jaxlm(*args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
+def _jaxlm(*args, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO) if env is None else env
     return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+                          text=True, timeout=300)
 
 
 @pytest.mark.slow
