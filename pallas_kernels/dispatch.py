@@ -30,9 +30,9 @@ are in :mod:`pallas_kernels.table`; ``jaxlm kernels CONFIG`` prints what each ca
   w_down) adds its partial sums with a psum over that axis. The GEMM is selected per shard,
   from the shard's shape.
 
-Device detection (:func:`device_info`): the first device of the mesh set with
-``jax.set_mesh`` (so a compile-only GPU mesh selects GPU kernels on a CPU machine), else
-``jax.devices()[0]``: its ``platform`` and, on NVIDIA GPUs, ``compute_capability``.
+Device detection (:func:`device_info`): ``jax.devices()[0]``'s ``platform`` and, on NVIDIA
+GPUs, ``compute_capability``; under a mesh of compile-only GPUs the mesh's GPU (so a plan on a
+CPU machine selects the kernels that GPU would run).
 """
 
 from __future__ import annotations
@@ -53,9 +53,20 @@ _GPU_PLATFORMS = ("gpu", "cuda")
 
 
 def device_info() -> tuple[str, str | None]:
-    """``(platform, compute_capability)`` of the device kernels run on, e.g. ``("gpu", "9.0")``."""
-    mesh = jax.sharding.get_mesh()
-    device = mesh.devices.flat[0] if not mesh.empty else jax.devices()[0]
+    """``(platform, compute_capability)`` of the device kernels run on, e.g. ``("gpu", "9.0")``.
+
+    Normally ``jax.devices()[0]``. Under a mesh of compile-only GPUs (``jax.set_mesh`` on a CPU
+    machine, :func:`sharding.mesh.make_compile_only_mesh`) it is the mesh's GPU, its compute
+    capability looked up by device kind in :data:`sharding.targets.TARGETS`.
+    """
+    device = jax.devices()[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if kind is not None and kind.platform in _GPU_PLATFORMS and device.platform not in _GPU_PLATFORMS:
+        from sharding.targets import target_for_device_kind
+
+        target = target_for_device_kind(kind.device_kind)
+        return "gpu", None if target is None else target.compute_capability
     platform = "gpu" if device.platform in _GPU_PLATFORMS else device.platform
     return platform, getattr(device, "compute_capability", None)
 

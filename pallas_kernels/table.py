@@ -298,6 +298,8 @@ def select(op: str, call: Call, *, impl: str, platform: str, capability: str | t
     if impl not in allowed:
         raise ConfigError(f"{key} '{impl}' is not available; choose one of {', '.join(allowed)}")
     where = platform if platform != "gpu" else f"gpu sm_{capability[0]}{capability[1]}" if capability else "gpu"
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"attention_impl 'cudnn' has no kernel for {where} (cudnn: not on {platform}); use 'xla' or 'auto'")
     effective, note = impl, []
     if impl == "cudnn" and platform == "gpu" and (op == "cached_attention" or call.sequence_sharded):
         effective = "pallas"  # cuDNN's is_causal cannot mask keys that are not the queries' own
