@@ -404,18 +404,19 @@ def known_bad(target) -> list[dict]:
 # running a selected kernel (the dispatch and the compile test call these)
 
 
-def run_attention(kernel: str, blocks, q, k, v, q_pos, kv_pos, seg=None, *, interpret: bool):
-    """Self-attention-shaped call of a flash candidate with explicit blocks."""
+def run_attention(kernel: str, blocks, q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, interpret: bool):
+    """A flash candidate with explicit blocks; ``kv_seg`` defaults to ``q_seg`` (self-attention)."""
     if kernel == "flash_mosaic":
         from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic
 
-        assert seg is None, "flash_mosaic takes no segment ids (select() never picks it for them)"
+        assert q_seg is None, "flash_mosaic takes no segment ids (select() never picks it for them)"
         return flash_attention_mosaic(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
                                       block_kv=blocks.block_kv, interpret=interpret)
     from pallas_kernels.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=seg,
-                           kv_segment_ids_BxS=seg, block_q=blocks.block_q, block_k=blocks.block_k, interpret=interpret)
+    return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=q_seg,
+                           kv_segment_ids_BxS=q_seg if kv_seg is None else kv_seg, block_q=blocks.block_q,
+                           block_k=blocks.block_k, interpret=interpret)
 
 
 def run_decode(kernel: str, blocks: DecodeBlocks, q, k_cache, v_cache, lengths, page_table=None, *, interpret: bool):
