@@ -62,8 +62,6 @@ def test_every_pickable_configuration_compiles_clean_and_known_bad_ones_are_flag
             assert sorted(entries) == ["flash_attention_dkdv", "flash_attention_dq", "flash_attention_fwd"], name
         if name.startswith("flash_mosaic"):
             assert sorted(e.split(":")[0] for e in entries) == ["flash_attention_dkdv", "flash_attention_dq", "mosaic"]
-        if name.startswith("matmul_triton") and "fwd+bwd" in name:
-            assert len(entries) == 3, name  # forward, dA, dB
     assert any(n.startswith("flash_mosaic") for n in by_case) == (spec.capability[0] == 9)
     for r in good:  # plausible figures: the compiler filled in every field
         assert 0 < r.registers <= 255 and r.threads in (128, 256, 384) and r.shared_memory > 0
