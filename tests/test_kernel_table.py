@@ -132,6 +132,7 @@ def _jaxlm(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prints_each_call_with_kernel_and_reason():
     r = _jaxlm("kernels", "configs/tiny.yaml", "model.compute_dtype=bfloat16", "model.head_dim=64", "--target", "h100")
     assert r.returncode == 0, r.stderr
