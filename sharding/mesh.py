@@ -99,6 +99,27 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def make_compile_only_mesh(cfg: MeshConfig, target: str, topology: str = "1x8") -> Mesh:
+    """The mesh ``cfg`` describes over compile-only GPUs: ``topology`` (``HOSTSxGPUS``) of ``target``.
+
+    Built like :func:`make_mesh` for that many processes (``tensor`` inside a host, ``data`` and
+    ``fsdp`` across hosts), from :func:`sharding.targets.compile_only_devices`; arrays placed on it
+    are abstract (``jax.ShapeDtypeStruct``) and programs on it can be compiled, not run. The CUDA
+    compile toolchain must be enabled first (:func:`sharding.targets.use_gpu_compile_toolchain`).
+    """
+    from sharding.targets import compile_only_devices
+
+    devices = compile_only_devices(target, topology)
+    sizes = resolve_axis_sizes(cfg, len(devices))
+    hosts = len({d.process_index for d in devices})
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if hosts > 1:
+        per_process, across = split_across_processes(sizes, hosts, len(devices) // hosts)
+        grid = mesh_utils.create_hybrid_device_mesh(per_process, across, devices, process_is_granule=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+
+
 def fold_sequence_axis(mesh: Mesh) -> Mesh:
     """The same devices with the ``sequence`` axis folded into ``data`` (for decoding).
 
