@@ -49,6 +49,7 @@ _NO_TRAFFIC = {
     "copy-start", "copy-done", "send", "send-done", "recv", "recv-done", "add-dependency", "opt-barrier",
 }
 _SLICING = {"dynamic-slice", "slice", "gather"}
+_IN_PLACE = {"dynamic-update-slice", "scatter"}  # operand 0 is updated in place; the update is the last operand (DUS: operand 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +226,7 @@ def _gemm_flops(instr: Instruction, table: dict[str, Instruction]) -> float:
 
 def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str, Instruction]) -> float:
     """Bytes a fusion moves: the slices of operands it only slices, only the update of a buffer it
-    updates in place, everything else in full."""
+    updates in place (dynamic-update-slice, scatter), everything else in full."""
     users: dict[str, list[Instruction]] = {}
     for i in body:
         for o in i.operands:
@@ -243,14 +244,16 @@ def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str
         used = uses(params[pos].name) if pos in params else []
         if used and all(u.opcode in _SLICING and u.operands[0] == via for u, via in used):
             total += sum(shape_bytes(u.shape) for u, _ in used)
-        elif not (used and all(u.opcode == "dynamic-update-slice" and u.operands[0] == via for u, via in used)):
+        elif not (used and all(u.opcode in _IN_PLACE and u.operands[0] == via for u, via in used)):
             total += shape_bytes(table[operand].shape) if operand in table else 0  # (in-place buffers: 0)
     by_name = {i.name: i for i in body}
     root = next((i for i in body if i.is_root), None)
     while root is not None and root.opcode == "bitcast" and root.operands and root.operands[0] in by_name:
         root = by_name[root.operands[0]]
-    if root is not None and root.opcode == "dynamic-update-slice" and root.operands[1] in by_name:
-        return total + shape_bytes(by_name[root.operands[1]].shape)
+    if root is not None and root.opcode in _IN_PLACE:
+        update = root.operands[1] if root.opcode == "dynamic-update-slice" else root.operands[-1]
+        if update in by_name:
+            return total + shape_bytes(by_name[update].shape)
     return total + shape_bytes(instr.shape)
 
 
