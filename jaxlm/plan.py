@@ -25,7 +25,8 @@ the matmul FLOPs and memory traffic. The roofline step time is ``max(FLOPs / pea
 bytes / HBM bandwidth)``; it assumes perfect overlap of communication (shown separately, as the
 collectives' bytes over a stated link bandwidth, for the case where nothing overlaps), ignores
 kernel launch and pipeline-bubble overheads, and counts no FLOPs inside opaque custom calls
-(Pallas, cuDNN: listed). Kernel choice follows :mod:`pallas_kernels.dispatch` in this process.
+(Pallas, cuDNN: listed). Kernels are what :mod:`pallas_kernels.dispatch` selects under the mesh; the
+report says whether the compiled programs hold any (or only XLA ops).
 
 Decode analytics (whole model, per model replica): KV bytes per token ``2 * layers * kv_heads *
 head_dim * itemsize``; the sequences of ``context`` tokens that fit in the memory left after the
@@ -422,8 +423,13 @@ def format_plan(plan: Plan) -> str:
             f"  compute-bound at  {bound} at {d.context} tokens of context; "
             f"{d.compute_bound_batch_short:,.0f} for short contexts (weights only)",
         ]
+    programs = [p.program for p in (plan.train, plan.decode) if p is not None]
+    calls = sorted({c for p in programs for c in p.opaque_custom_calls})
+    if programs:
+        out.append("kernels: " + (f"custom calls {', '.join(calls)} (FLOPs inside them not counted)" if calls else
+                                  "attention and projections compiled as XLA ops (no Pallas or cuDNN custom calls)"))
     out.append(
         "estimate ignores: communication overlap (column above), kernel launch and pipeline-bubble overhead, "
-        "elementwise FLOPs and caches; kernels are what pallas_kernels.dispatch selects in this process"
+        "elementwise FLOPs and caches"
     )
     return "\n".join(out)
