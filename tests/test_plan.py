@@ -110,7 +110,11 @@ def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
     # three passes of attention scores and values) and a whole recomputed forward (8 N T, four passes)
     T, m = 8192, config("llama3_8b.yaml").model
     attention = 4 * m.num_layers * m.num_heads * m.head_dim * T * T  # one forward pass, every score
-    assert 6 * matmul * T + 3 * attention <= program["flops"] <= 8 * matmul * T + 4 * attention
+    upper = 8 * matmul * T + 4 * attention
+    if program["opaque_custom_calls"]:  # Pallas/cuDNN kernels: their FLOPs are not in the HLO
+        assert 0 < program["flops"] <= upper
+    else:
+        assert 6 * matmul * T + 3 * attention <= program["flops"] <= upper
     r = train["roofline"]
     assert train["step_s"] == max(r["compute_s"], r["memory_s"]) > 0
     assert train["tokens_per_s"] == pytest.approx(8 * T / train["step_s"])
@@ -137,7 +141,9 @@ def test_8b_decode_kv_cache_figures(plans):
     _, _, matmul = hand_count(cfg)
     rows = 16 // 8  # sequences per device
     flops = decode["program"]["flops"]
-    assert rows * 2 * matmul <= flops <= rows * (2 * matmul + 4 * m.num_layers * m.num_heads * m.head_dim * 8192) * 1.01
+    upper = rows * (2 * matmul + 4 * m.num_layers * m.num_heads * m.head_dim * 8192) * 1.01
+    lower = 0 if decode["program"]["opaque_custom_calls"] else rows * 2 * matmul  # kernels' FLOPs are invisible
+    assert lower < flops <= upper
 
 
 @pytest.mark.slow
