@@ -41,10 +41,12 @@ def _time(fn, *args, iters: int) -> float:
 
 
 def _impls(on_gpu: bool, hopper: bool, causal: bool):
-    def flash(backend):
+    def flash(kernel):
+        from pallas_kernels import table
+
         def fn(q, k, v, q_pos, kv_pos):
-            return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-                                   interpret=not on_gpu, backend=backend)
+            blocks = table.blocks_for(kernel, table.Call(q.dtype, head_dim=q.shape[-1]))
+            return table.run_attention(kernel, blocks, q, k, v, q_pos, kv_pos, interpret=not on_gpu)
         return fn
 
     def xla(q, k, v, q_pos, kv_pos):
@@ -53,9 +55,9 @@ def _impls(on_gpu: bool, hopper: bool, causal: bool):
     def cudnn(q, k, v, q_pos, kv_pos):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
-    impls = {"triton": flash("triton"), "xla": xla}
+    impls = {"triton": flash("flash_triton"), "xla": xla}
     if hopper:
-        impls["mosaic"] = flash("mosaic")
+        impls["mosaic"] = flash("flash_mosaic")
     if on_gpu:
         impls["cudnn"] = cudnn
     return impls
@@ -85,12 +87,12 @@ def _decode_rows(args, on_gpu: bool, dtype) -> list[dict]:
 
 
 def _matmul_impls(on_gpu: bool):
-    from pallas_kernels.dispatch import is_hopper
+    from pallas_kernels.dispatch import device_info
     from pallas_kernels.matmul import matmul
     from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
 
     impls = {"pallas": lambda a, b: matmul(a, b, interpret=not on_gpu), "xla": jnp.dot}
-    if on_gpu and is_hopper():
+    if on_gpu and str(device_info()[1]).startswith("9."):
         impls["mosaic"] = matmul_hopper
     return impls
 

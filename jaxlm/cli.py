@@ -8,6 +8,7 @@
     jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm rules            # print the logical -> mesh sharding table
     jaxlm plan CONFIG [overrides ...] --target h100|h200|a100 --topology HOSTSxGPUS [--json PATH]
+    jaxlm kernels CONFIG [section.key=value ...] [--target h100|h200|a100|cpu]   # what each call runs, and why
 """
 
 from __future__ import annotations
@@ -137,6 +138,17 @@ def _plan(args: argparse.Namespace) -> None:
             json.dump(plan.to_dict(), f, indent=1)
 
 
+def _kernels(args: argparse.Namespace) -> None:
+    import jaxlm
+    from jaxlm.kernels import format_kernel_calls
+
+    cfg = jaxlm.load_config(args.config, args.overrides)
+    try:
+        print(format_kernel_calls(cfg, args.target))
+    except ValueError as e:  # an unknown --target
+        raise jaxlm.ConfigError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train and sample sharded Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-train", dest="no_train", action="store_true", help="skip the train step")
     pl.add_argument("--no-decode", dest="no_decode", action="store_true", help="skip the decode step")
     pl.set_defaults(fn=_plan)
+    k = sub.add_parser("kernels", help="print what each attention/projection call of a model runs, and why")
+    k.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
+    k.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order")
+    k.add_argument("--target", default=None, help="h100 | h200 | a100 | cpu (default: this machine)")
+    k.set_defaults(fn=_kernels)
     return parser
 
 

@@ -1,51 +1,38 @@
-"""Which attention implementation runs, decided in one table by (impl, platform, compute capability).
+"""The model's doors to its kernels: attention, attention over a KV cache, projections, SwiGLU.
 
-Config ``model.attention_impl`` -> what runs (``resolve_attention_impl``):
+Each door describes the call (:class:`pallas_kernels.table.Call`: dtype, head_dim, segment ids,
+cache layout, GEMM shape), asks :func:`pallas_kernels.table.select` what runs on this machine
+(:func:`device_info`) under the config's ``attention_impl`` / ``matmul_impl``, warns the
+selection's reason once when it is a substitution, and runs the selected kernel with its
+blocks -- per shard under ``shard_map`` (batch over the data axes, heads over ``tensor``) when
+a mesh is active, so every layout composes. The table, its candidates and how selection works
+are in :mod:`pallas_kernels.table`; ``jaxlm kernels CONFIG`` prints what each call of a model runs.
 
-=========  ===========================  ==================================  ===========================
-impl       CPU                          NVIDIA Hopper (sm_90)               other NVIDIA GPUs
-=========  ===========================  ==================================  ===========================
-auto       ``xla``                      ``pallas_mosaic``                   ``pallas``
-pallas     ``pallas`` (interpreter)     ``pallas_mosaic``                   ``pallas``
-cudnn      ConfigError                  ``cudnn``                           ``cudnn``
-xla        ``xla``                      ``xla``                             ``xla``
-=========  ===========================  ==================================  ===========================
-
-Other platforms (TPU, ROCm): ``auto`` and ``xla`` run the XLA reference (announced once under
-``auto``); ``pallas`` and ``cudnn`` raise a one-line ConfigError.
-
-* ``xla``           :func:`pallas_kernels.reference.attention_reference`. On CPU this is the
-  fast path (the Pallas kernels only run interpreted there).
-* ``pallas``        :func:`pallas_kernels.flash_attention.flash_attention`, Triton forward and
-  backward; on CPU in the Pallas interpreter, for debugging.
-* ``pallas_mosaic`` the same function with ``backend="mosaic"``: the Mosaic GPU (wgmma + TMA +
-  warp-specialised) forward of :mod:`pallas_kernels.flash_attention_mosaic` with the Triton
-  backward. Chosen on Hopper because Pallas's Triton backend is deprecated from jax 0.11 and
-  Mosaic GPU is its Hopper successor; chosen only because its numerics (forward and the mixed
-  forward/backward gradients) are verified against the reference by the Mosaic GPU interpreter
-  and it cross-lowers for sm_90 (``MOSAIC_FORWARD_VERIFIED``). Inputs it cannot serve (segment
-  ids, float32, head_dim not 64/128) run the Triton kernel with a one-time warning. Not picked
-  on other GPUs: the kernel uses sm_90 wgmma instructions.
+* ``xla``           :func:`pallas_kernels.reference.attention_reference` / ``jnp.einsum``. On CPU
+  this is the fast path (the Pallas kernels only run interpreted there).
+* ``flash_triton``  :func:`pallas_kernels.flash_attention.flash_attention` (Triton forward and
+  backward); ``flash_mosaic`` the Hopper Mosaic GPU forward with the Triton backward
+  (:mod:`pallas_kernels.flash_attention_mosaic`).
 * ``cudnn``         ``jax.nn.dot_product_attention(implementation="cudnn")``. It serves
   self-attention over one call's tokens (``kv_positions is q_positions``: training and
   cache-less prefill) as ``is_causal=True``, which equals masking by positions when positions
   increase along the sequence within each segment (``arange``, or restarting per packed
   document, as :mod:`jaxlm.data` produces them); segment ids become its boolean ``mask``
   (materialised ``[B, 1, T, T]``). Position masks over a KV cache are not expressible with
-  ``is_causal`` and raise one line at dispatch instead of computing something else.
+  ``is_causal``: the table gives cached attention to the Pallas kernels, and a cudnn call with
+  other key positions raises one line.
+* ``decode_triton`` :func:`pallas_kernels.decode_attention.decode_attention`, flash-decoding
+  over a contiguous or paged cache for up to ``DECODE_MAX_QUERY_TOKENS`` new tokens.
+* ``matmul_triton`` / ``matmul_mosaic`` / ``swiglu_triton``: :mod:`pallas_kernels.matmul` and
+  :mod:`pallas_kernels.matmul_mosaic` on the projection reshaped to a 2-D GEMM. Under a mesh
+  activations split over the batch axes, weights are gathered over fsdp by the in_specs and
+  split over ``tensor`` on their heads/mlp dims; a projection that contracts a split dim (wo,
+  w_down) adds its partial sums with a psum over that axis. The GEMM is selected per shard,
+  from the shard's shape.
 
-The Pallas and cuDNN kernels run per shard under ``shard_map`` (batch over the data axes, heads
-over ``tensor``) when a mesh is active, so they compose with every layout. Device detection is
-``jax.devices()[0]``: its ``platform`` and, on NVIDIA GPUs, ``compute_capability``.
-
-Attention over a KV cache (prefill and decoding) has its own door, :func:`cached_attention`: with
-``pallas``, calls of at most ``DECODE_MAX_QUERY_TOKENS`` tokens per sequence run the
-decode-attention kernel, longer ones the flash kernel; every other impl goes through
-:func:`attention` with the cache's positions. A paged cache (page pools and a page table) takes
-the same door: the decode kernel reads the pages in place, the other paths gather them first.
-
-With ``cudnn``, attention over a cache runs the Pallas path instead (announced once): cuDNN's
-``is_causal`` cannot express masks over a cache. An impossible choice raises one line.
+Device detection (:func:`device_info`): ``jax.devices()[0]``'s ``platform`` and, on NVIDIA
+GPUs, ``compute_capability``; under a mesh of compile-only GPUs the mesh's GPU (so a plan on a
+CPU machine selects the kernels that GPU would run).
 """
 
 from __future__ import annotations
@@ -56,68 +43,57 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels import table
 from pallas_kernels.reference import attention_reference, gather_pages
+from pallas_kernels.table import DECODE_MAX_QUERY_TOKENS, Call, Selection
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
-# Set from the interpreter check in tests/test_flash_attention_mosaic.py (forward and gradient
-# against the reference). Flip to False to keep ``auto`` on the Triton kernel on Hopper.
-MOSAIC_FORWARD_VERIFIED = True
-_HOPPER = "9.0"
+MATMUL_IMPLS = ("xla", "pallas")
 _GPU_PLATFORMS = ("gpu", "cuda")
 
 
 def device_info() -> tuple[str, str | None]:
-    """``(platform, compute_capability)`` of the default device, e.g. ``("gpu", "9.0")``."""
+    """``(platform, compute_capability)`` of the device kernels run on, e.g. ``("gpu", "9.0")``.
+
+    Normally ``jax.devices()[0]``. Under a mesh of compile-only GPUs (``jax.set_mesh`` on a CPU
+    machine, :func:`sharding.mesh.make_compile_only_mesh`) it is the mesh's GPU, its compute
+    capability looked up by device kind in :data:`sharding.targets.TARGETS`.
+    """
     device = jax.devices()[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if kind is not None and kind.platform in _GPU_PLATFORMS and device.platform not in _GPU_PLATFORMS:
+        from sharding.targets import target_for_device_kind
+
+        target = target_for_device_kind(kind.device_kind)
+        return "gpu", None if target is None else target.compute_capability
     platform = "gpu" if device.platform in _GPU_PLATFORMS else device.platform
     return platform, getattr(device, "compute_capability", None)
 
 
-def _pallas_for(platform: str, compute_capability: str | None) -> str:
-    hopper = platform == "gpu" and compute_capability == _HOPPER
-    return "pallas_mosaic" if hopper and MOSAIC_FORWARD_VERIFIED else "pallas"
+@functools.cache
+def _announce(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
-def resolve_attention_impl(impl: str, platform: str | None = None, compute_capability: str | None = None) -> str:
-    """Map a config value to what runs: ``xla`` | ``pallas`` | ``pallas_mosaic`` | ``cudnn``.
-
-    ``platform`` and ``compute_capability`` default to the default device's (:func:`device_info`);
-    pass them to ask about another machine (a pure function of its arguments then).
-    """
-    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
-
-    if platform is None:
-        platform, compute_capability = device_info()
-    platform = "gpu" if platform in _GPU_PLATFORMS else platform
-    if impl not in ("auto", *ATTENTION_IMPLS):
-        raise ConfigError(f"attention_impl '{impl}' is not available; choose one of auto, {', '.join(ATTENTION_IMPLS)}")
-    if impl == "xla":
-        return "xla"
-    if impl == "auto":
-        if platform == "cpu":
-            return "xla"
-        if platform == "gpu":
-            return _pallas_for(platform, compute_capability)
-        warnings.warn(  # loud, never a silent slow path (shown once)
-            f"attention: using the XLA reference on {platform}; no Pallas kernel for this platform"
-        )
-        return "xla"
-    if impl == "pallas":
-        if platform not in ("cpu", "gpu"):
-            raise ConfigError(f"attention_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
-        return _pallas_for(platform, compute_capability)
-    if platform != "gpu":  # cudnn
-        raise ConfigError(f"attention_impl 'cudnn' needs an NVIDIA GPU (platform is '{platform}'); use 'xla', 'pallas' or 'auto'")
-    return "cudnn"
+def select(op: str, call: Call, impl: str) -> Selection:
+    """:func:`pallas_kernels.table.select` on this machine; a substitution is warned once."""
+    platform, capability = device_info()
+    chosen = table.select(op, call, impl=impl, platform=platform, capability=capability)
+    if chosen.substituted:
+        _announce(chosen.reason)
+    return chosen
 
 
-def _pallas(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, interpret: bool, backend: str):
-    return flash_attention(
-        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-        q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg, interpret=interpret, backend=backend,
-    )
+def _whole(op: str, call: Call, impl: str) -> str:
+    """The kernel for the unsharded call, unannounced: the per-shard selection (of the shard's
+    shape) is the one that runs and reports."""
+    platform, capability = device_info()
+    return table.select(op, call, impl=impl, platform=platform, capability=capability).kernel
+
+
+def _interpret() -> bool:
+    return device_info()[0] == "cpu"
 
 
 def _xla(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
@@ -132,19 +108,24 @@ def _cudnn(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-def _local_kernel(name: str):
-    """The per-shard function for a resolved implementation name."""
-    if name == "xla":
+def _local_kernel(chosen: Selection):
+    """The per-shard attention function of a selection."""
+    if chosen.kernel == "xla":
         return _xla
-    if name == "cudnn":
+    if chosen.kernel == "cudnn":
         return _cudnn
-    backend = "mosaic" if name == "pallas_mosaic" else "triton"
-    return functools.partial(_pallas, interpret=jax.default_backend() == "cpu", backend=backend)
+
+    def run(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
+        del kv_seg  # the kernels' segment ids are the queries' own (self-attention)
+        return table.run_attention(chosen.kernel, chosen.blocks, q, k, v, q_pos, kv_pos, q_seg, interpret=_interpret())
+
+    return run
 
 
-@functools.cache
-def _announce(message: str) -> None:
-    warnings.warn(message)
+def _sequence_sharded() -> bool:
+    from sharding.context import sequence_shards
+
+    return sequence_shards(jax.sharding.get_abstract_mesh()) > 1
 
 
 def attention(
@@ -157,44 +138,35 @@ def attention(
     mesh splits the sequence, self-attention goes through :func:`sharding.context.context_attention`
     (``context_impl``: ``all_gather`` runs the chosen kernel per shard, ``ring`` its own blocks).
     """
-    return _attention(resolve_attention_impl(impl), q, k, v, q_positions, kv_positions, segment_ids, context_impl)
+    call = Call(q.dtype, head_dim=q.shape[-1], segment_ids=segment_ids is not None,
+                group=q.shape[2] // k.shape[2], sequence_sharded=_sequence_sharded())
+    return _attention(select("attention", call, impl), q, k, v, q_positions, kv_positions, segment_ids, context_impl)
 
 
-def _attention(name, q, k, v, q_positions, kv_positions, segment_ids, context_impl="all_gather"):
+def _attention(chosen: Selection, q, k, v, q_positions, kv_positions, segment_ids, context_impl="all_gather"):
     from jaxlm.config import ConfigError
     from sharding.context import context_attention, sequence_shards
     from sharding.rules import logical_spec, per_shard
 
     mesh = jax.sharding.get_abstract_mesh()
-    if name == "cudnn" and kv_positions is not q_positions:
-        raise ConfigError("attention_impl 'cudnn' cannot express position masks over a KV cache "
-                          "(decoding); use 'pallas' or 'xla' for generation")
+    if chosen.kernel == "cudnn" and kv_positions is not q_positions:
+        raise ConfigError("attention_impl 'cudnn' cannot express position masks over other keys than the "
+                          "queries' own; use 'pallas' or 'xla'")
     if sequence_shards(mesh) > 1:
         if q.shape[1] != k.shape[1]:
             raise ValueError("context parallelism serves self-attention only; decode on a mesh with mesh.sequence=1")
-        if name == "cudnn":  # the gathered keys are not the queries' own tokens: is_causal cannot mask them
-            _announce("attention: cudnn cannot mask gathered keys under context parallelism; using the Pallas kernel")
-            name = "pallas"
         return context_attention(
-            q, k, v, positions_BxT=q_positions, segment_ids_BxT=segment_ids, local=_local_kernel(name), impl=context_impl
+            q, k, v, positions_BxT=q_positions, segment_ids_BxT=segment_ids, local=_local_kernel(chosen), impl=context_impl
         )
-    fn = _local_kernel(name)
+    fn = _local_kernel(chosen)
     segs = () if segment_ids is None else (segment_ids, segment_ids)
     args = (q, k, v, q_positions, kv_positions) + segs
-    if name == "xla" or mesh.empty or mesh.size == 1:  # XLA partitions the reference itself
+    if chosen.kernel == "xla" or mesh.empty or mesh.size == 1:  # XLA partitions the reference itself
         return fn(*args)
     heads = logical_spec(("batch", "seq", "act_heads", "head_dim"))
     tokens = logical_spec(("batch", "seq"))
     specs = (heads, heads, heads, tokens, tokens) + ((tokens, tokens) if segs else ())
     return per_shard(fn, in_specs=specs, out_specs=heads)(*args)
-
-
-DECODE_MAX_QUERY_TOKENS = 16  # new tokens per sequence up to which the decode kernel runs
-
-
-def _pallas_decode(q, k_cache, v_cache, q_pos, page_table=None, *, interpret: bool):
-    # the tokens of one call are consecutive, so the last one's position + 1 is the length
-    return decode_attention(q, k_cache, v_cache, q_pos[:, -1] + 1, page_table_BxP=page_table, interpret=interpret)
 
 
 def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl: str = "auto"):
@@ -205,21 +177,25 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl:
     ``q_positions``: ``[batch, T]``, consecutive within each row. Query ``t`` sees the cache
     entries at indices ``<= q_positions[:, t]``. With ``page_table`` (int32 ``[batch, pages_per_seq]``)
     the caches are page pools ``[num_pages, page_size, kv_heads, head_dim]`` read through it: the
-    decode kernel reads pages in place; the other paths gather each row's pages first.
+    decode kernel reads pages in place; the other kernels gather each row's pages first.
     """
-    name = resolve_attention_impl(impl)
-    if name == "cudnn":
-        _announce("attention: cudnn cannot mask a KV cache; prefill and decoding use the Pallas kernels")
-        name = "pallas"
-    if name == "xla" or q.shape[1] > DECODE_MAX_QUERY_TOKENS:
-        if page_table is not None:
+    paged = page_table is not None
+    call = Call(q.dtype, head_dim=q.shape[-1], cache="paged" if paged else "contiguous", q_len=q.shape[1],
+                group=q.shape[2] // k_cache.shape[2], page_size=k_cache.shape[1] if paged else None)
+    chosen = select("cached_attention", call, impl)
+    if chosen.kernel != "decode_triton":
+        if paged:
             k_cache, v_cache = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
         S = k_cache.shape[1]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=q_positions.dtype), k_cache.shape[:2])
-        return _attention(name, q, k_cache, v_cache, q_positions, kv_pos, None)
+        return _attention(chosen, q, k_cache, v_cache, q_positions, kv_pos, None)
     from sharding.rules import LOGICAL_RULES, logical_spec, mesh_axis_size, per_shard
 
-    fn = functools.partial(_pallas_decode, interpret=jax.default_backend() == "cpu")
+    def fn(q, k_cache, v_cache, q_pos, page_table=None):
+        # the tokens of one call are consecutive, so the last one's position + 1 is the length
+        return table.run_decode(chosen.kernel, chosen.blocks, q, k_cache, v_cache, q_pos[:, -1] + 1, page_table,
+                                interpret=_interpret())
+
     args = (q, k_cache, v_cache, q_positions) + (() if page_table is None else (page_table,))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -228,8 +204,8 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl:
     tokens = logical_spec(("batch", "seq"))
     if page_table is not None:  # every shard holds the whole pool (its kv heads) and its rows' tables
         pool = logical_spec((None, None, "kv_heads", "head_dim"))
-        table = logical_spec(("batch", None))
-        return per_shard(fn, in_specs=(heads, pool, pool, tokens, table), out_specs=heads)(*args)
+        rows = logical_spec(("batch", None))
+        return per_shard(fn, in_specs=(heads, pool, pool, tokens, rows), out_specs=heads)(*args)
     if mesh_axis_size(mesh, LOGICAL_RULES["cache_seq"]) > 1:
         raise ValueError("the decode kernel needs each sequence's whole cache on one device; map 'cache_seq' to no mesh axis")
     cache = logical_spec(("batch", "cache_seq", "kv_heads", "head_dim"))
@@ -238,20 +214,6 @@ def cached_attention(q, k_cache, v_cache, *, q_positions, page_table=None, impl:
 
 # --------------------------------------------------------------------------------------------
 # matmul: the model's projections
-#
-# * ``xla``    - ``jnp.einsum``, exactly the model's einsums, any platform.
-# * ``pallas`` - :func:`pallas_kernels.matmul.matmul` (Triton) on the projection reshaped to a
-#   2-D GEMM; on CPU it runs in the Pallas interpreter, for debugging. Under a mesh it runs per
-#   shard in ``shard_map``: activations split over the batch axes, weights gathered over fsdp by
-#   the in_specs and split over ``tensor`` on their heads/mlp dims; a projection that contracts
-#   a split dim (wo, w_down) adds its partial sums with a psum over that axis.
-#   On a Hopper GPU (sm_90) ``pallas`` runs the Mosaic GPU kernel of
-#   :mod:`pallas_kernels.matmul_mosaic` instead (its numerics are checked in the Mosaic GPU
-#   interpreter, its CUDA lowering by the tests); shapes it cannot take go to Triton, announced.
-# * ``auto``   - ``pallas`` on GPU, ``xla`` elsewhere.
-
-MATMUL_IMPLS = ("xla", "pallas")
-_MATMUL_AUTO = {"gpu": "pallas"}
 
 # equation -> logical names of (activation, weight); activations are [batch, seq, ...], the
 # weight's leading dims contract the activation's trailing ones (the weight's embed dim is None:
@@ -264,38 +226,28 @@ PROJECTIONS: dict[str, tuple[tuple[str | None, ...], tuple[str | None, ...]]] = 
 }
 
 
-def resolve_matmul_impl(impl: str, platform: str | None = None) -> str:
-    """Map a config value (``auto`` | ``xla`` | ``pallas``) to a concrete implementation name."""
-    from jaxlm.config import ConfigError  # imported here: jaxlm imports this package
-
-    platform = device_info()[0] if platform is None else platform
-    platform = "gpu" if platform in _GPU_PLATFORMS else platform
-    if impl == "auto":
-        return _MATMUL_AUTO.get(platform, "xla")
-    if impl not in MATMUL_IMPLS:
-        raise ConfigError(f"matmul_impl '{impl}' is not available; choose one of auto, {', '.join(MATMUL_IMPLS)}")
-    if impl == "pallas" and platform not in ("cpu", "gpu"):  # cpu: the interpreter
-        raise ConfigError(f"matmul_impl 'pallas' has no kernel for platform '{platform}'; use 'xla' or 'auto'")
-    return impl
+def _gemm_shape(x, w) -> tuple[int, int, int]:
+    """(M, N, K) of ``[b, t, *c] x [*c, *o]`` as one 2-D GEMM."""
+    nc = x.ndim - 2  # contracted dims
+    K = 1
+    for d in x.shape[2:]:
+        K *= d
+    N = 1
+    for d in w.shape[nc:]:
+        N *= d
+    return x.shape[0] * x.shape[1], N, K
 
 
-def is_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    platform, capability = device_info()
-    return platform == "gpu" and str(capability or "").startswith("9.")
-
-
-def _project_2d(x, w, *, interpret: bool):
-    """[b, t, *c] x [*c, *o] -> [b, t, *o] as one [b*t, prod c] @ [prod c, prod o] GEMM."""
-    from pallas_kernels.matmul import matmul  # imported here: keeps this section additive
-    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
-
-    gemm = matmul_hopper if not interpret and is_hopper() else functools.partial(matmul, interpret=interpret)
+def _project_2d(x, w, *, impl: str):
+    """[b, t, *c] x [*c, *o] -> [b, t, *o] as one [b*t, prod c] @ [prod c, prod o] GEMM (per shard)."""
+    chosen = select("projection", Call(x.dtype, mnk=_gemm_shape(x, w)), impl)
     nc = x.ndim - 2
+    if chosen.kernel == "xla":
+        return jnp.tensordot(x, w, axes=nc)
     out_dims = w.shape[nc:]
     x2 = x.reshape(x.shape[0] * x.shape[1], -1)
     w2 = w.reshape(x2.shape[1], -1)
-    return gemm(x2, w2).reshape(*x.shape[:2], *out_dims)
+    return table.run_matmul(chosen.kernel, chosen.blocks, x2, w2, interpret=_interpret()).reshape(*x.shape[:2], *out_dims)
 
 
 def _fitted_spec(names, shape, mesh):
@@ -309,18 +261,18 @@ def _fitted_spec(names, shape, mesh):
 
 
 def projection(equation: str, x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
-    """The model's door to its projections: ``jnp.einsum(equation, x, w)`` by ``impl``.
+    """The model's door to its projections: ``jnp.einsum(equation, x, w)`` by the selected kernel.
 
     ``equation`` is one of :data:`PROJECTIONS` (q/k/v, attention output, SwiGLU gate/up, down).
     Output dtype follows the einsum's (the inputs' common dtype); accumulation is float32.
     """
     if equation not in PROJECTIONS:
         raise ValueError(f"projection '{equation}' is not one of {', '.join(PROJECTIONS)}")
-    if resolve_matmul_impl(impl) == "xla":
+    if _whole("projection", Call(x.dtype, mnk=_gemm_shape(x, w)), impl) == "xla":
         return jax.numpy.einsum(equation, x, w)
     from sharding.rules import per_shard
 
-    fn = functools.partial(_project_2d, interpret=jax.default_backend() == "cpu")
+    fn = functools.partial(_project_2d, impl=impl)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(x, w)
@@ -337,27 +289,29 @@ def projection(equation: str, x: jax.Array, w: jax.Array, *, impl: str = "auto")
     return per_shard(local, in_specs=(x_spec, w_spec), out_specs=out_spec)(x, w)
 
 
-def _swiglu_2d(x, w_gate, w_up, *, interpret: bool):
-    from pallas_kernels.matmul import swiglu  # imported here: keeps this section additive
-
+def _swiglu_2d(x, w_gate, w_up, *, impl: str):
+    chosen = select("swiglu", Call(x.dtype, mnk=(x.shape[0] * x.shape[1], w_gate.shape[1], x.shape[2])), impl)
+    if chosen.kernel == "xla":
+        return jax.nn.silu(jnp.einsum("bte,ef->btf", x, w_gate)) * jnp.einsum("bte,ef->btf", x, w_up)
     x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
-    return swiglu(x2, w_gate, w_up, interpret=interpret).reshape(*x.shape[:2], w_gate.shape[1])
+    out = table.run_swiglu(chosen.kernel, chosen.blocks, x2, w_gate, w_up, interpret=_interpret())
+    return out.reshape(*x.shape[:2], w_gate.shape[1])
 
 
 def gated_mlp_hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *, impl: str = "auto") -> jax.Array:
     """SwiGLU's hidden ``silu(x @ w_gate) * (x @ w_up)``: ``[b, t, e] x [e, f] x [e, f] -> [b, t, f]``.
 
-    ``xla`` is the two einsums and the product; ``pallas`` is the fused kernel
-    (:func:`pallas_kernels.matmul.swiglu`, Triton on every GPU: the Hopper kernel has no fused
-    form), which rounds once from float32 rather than after each projection. Under a mesh it
-    runs per shard like the gate/up :func:`projection`: no reduction is needed.
+    ``xla`` is the two einsums and the product; ``swiglu_triton`` is the fused kernel
+    (:func:`pallas_kernels.matmul.swiglu`; the Hopper kernel has no fused form), which rounds
+    once from float32 rather than after each projection. Under a mesh it runs per shard like
+    the gate/up :func:`projection`: no reduction is needed.
     """
-    if resolve_matmul_impl(impl) == "xla":
+    if _whole("swiglu", Call(x.dtype, mnk=(x.shape[0] * x.shape[1], w_gate.shape[1], x.shape[2])), impl) == "xla":
         gate = jax.numpy.einsum("bte,ef->btf", x, w_gate)
         return jax.nn.silu(gate) * jax.numpy.einsum("bte,ef->btf", x, w_up)
     from sharding.rules import per_shard
 
-    fn = functools.partial(_swiglu_2d, interpret=jax.default_backend() == "cpu")
+    fn = functools.partial(_swiglu_2d, impl=impl)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(x, w_gate, w_up)

@@ -383,10 +383,7 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-BACKENDS = ("triton", "mosaic")
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "interpret", "backend"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "interpret"))
 def flash_attention(
     q_BxTxHxD: jax.Array,
     k_BxSxKxD: jax.Array,
@@ -400,30 +397,14 @@ def flash_attention(
     block_q: int = 64,
     block_k: int = 64,
     interpret: bool = False,
-    backend: str = "triton",
 ) -> jax.Array:
     """Grouped-query flash attention; returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
 
     Arguments and masking as in :func:`pallas_kernels.reference.attention_reference`.
     ``block_q``/``block_k`` are tile sizes of the Triton kernels (powers of two, at least 16;
-    shrunk for short sequences). ``interpret=True`` runs the kernels in the Pallas interpreter.
-    ``backend="mosaic"`` runs the forward with the Hopper Mosaic GPU kernel of
-    :mod:`pallas_kernels.flash_attention_mosaic` (the backward stays Triton); inputs it cannot
-    serve (segment ids, dtypes other than bf16/fp16, head_dim other than 64/128) run the Triton
-    kernel instead, with a warning.
+    shrunk for short sequences); :data:`pallas_kernels.table.BLOCKS` holds the ones compiled
+    and checked for each GPU. ``interpret=True`` runs the kernels in the Pallas interpreter.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"flash_attention backend '{backend}' is not one of {', '.join(BACKENDS)}")
-    if backend == "mosaic":
-        from pallas_kernels import flash_attention_mosaic as fam  # imports this module
-
-        reason = fam.unsupported_reason(q_BxTxHxD.dtype, q_BxTxHxD.shape[-1], q_segment_ids_BxT is not None)
-        if reason is None:
-            return fam.flash_attention_mosaic(
-                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_positions_BxT=q_positions_BxT,
-                kv_positions_BxS=kv_positions_BxS, sm_scale=sm_scale, interpret=interpret,
-            )
-        fam.warn_fallback(reason)
     assert _is_power_of_two(block_q) and _is_power_of_two(block_k), (
         f"block sizes must be powers of two (Triton), got block_q={block_q}, block_k={block_k}")
     assert block_q >= _MIN_BLOCK and block_k >= _MIN_BLOCK, (

@@ -5,7 +5,7 @@ grouped-query attention masked by positions (query ``t`` sees key ``s`` iff
 ``kv_pos[s] <= q_pos[t]``), layout ``[batch, seq, heads, head_dim]``, kv head ``h // G`` read in
 place (K/V are never repeated).
 
-What the kernel supports (anything else goes to the Triton kernel, announced once):
+What the kernel supports (:mod:`pallas_kernels.table` gives anything else to the Triton kernel):
   * dtypes bfloat16 and float16 (the shared-memory tiles take the input dtype);
   * head_dim 64 or 128;
   * any sequence lengths: the wrapper pads queries to a multiple of ``2 * block_q`` with position
@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -308,15 +307,14 @@ def flash_attention_mosaic(
     """Mosaic GPU forward + Triton backward; ``[batch, q_len, heads, head_dim]`` in q's dtype.
 
     Inputs must satisfy :func:`unsupported_reason` (bf16/fp16, head_dim 64/128, no segments);
-    callers that may see other inputs go through :func:`pallas_kernels.flash_attention.flash_attention`
-    with ``backend="mosaic"``, which falls back loudly. ``interpret=True`` runs the forward in the
-    Mosaic GPU interpreter and the backward in the Pallas interpreter (CPU).
+    ValueError otherwise (the kernel table selects another kernel for them). ``interpret=True``
+    runs the forward in the Mosaic GPU interpreter and the backward in the Pallas interpreter.
     """
     B, T, H, D = q_BxTxHxD.shape
     _, S, K, _ = k_BxSxKxD.shape
     reason = unsupported_reason(q_BxTxHxD.dtype, D, has_segments=False)
     if reason:
-        raise ValueError(f"flash_attention_mosaic: {reason}; use flash_attention(backend='triton')")
+        raise ValueError(f"flash_attention_mosaic: {reason}; use pallas_kernels.flash_attention.flash_attention")
     if H % K:
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
     if k_BxSxKxD.shape != v_BxSxKxD.shape or not (q_BxTxHxD.dtype == k_BxSxKxD.dtype == v_BxSxKxD.dtype):
@@ -332,9 +330,3 @@ def flash_attention_mosaic(
     q_pos = _pad_axis(q_positions_BxT.astype(jnp.int32), 1, Tp, i32.min)
     kv_pos = _pad_axis(kv_positions_BxS.astype(jnp.int32), 1, Sp, i32.max)
     return _flash(q, k, v, q_pos, kv_pos, cfg)[:, :T]
-
-
-def warn_fallback(reason: str) -> None:
-    """Announce (once per reason, via the warnings registry) that the Triton kernel serves a call."""
-    warnings.warn(f"flash attention: Mosaic GPU forward cannot serve this call ({reason}); "
-                  "using the Triton kernel", stacklevel=3)

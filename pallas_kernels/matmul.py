@@ -46,6 +46,9 @@ class Blocks:
     num_warps: int
     num_stages: int
 
+    def describe(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} warps={self.num_warps} stages={self.num_stages}"
+
 
 # (rows of A, bytes per input element) -> blocks. Rows: "skinny" M <= 16 (decoding: stream the
 # weight with wide K slices), "medium" M <= 256, "large" otherwise. float32 tiles are half as
@@ -75,12 +78,14 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _with_overrides(blocks: Blocks, block_m, block_n, block_k) -> Blocks:
+def _with_overrides(blocks: Blocks, block_m, block_n, block_k, num_warps=None, num_stages=None) -> Blocks:
     b = dataclasses.replace(
         blocks,
         block_m=block_m or blocks.block_m,
         block_n=block_n or blocks.block_n,
         block_k=block_k or blocks.block_k,
+        num_warps=num_warps or blocks.num_warps,
+        num_stages=num_stages or blocks.num_stages,
     )
     for name in ("block_m", "block_n", "block_k"):
         size = getattr(b, name)
@@ -227,6 +232,8 @@ def matmul(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """``a_MxK @ b_KxN`` accumulated in float32, returned as ``out_dtype`` (default: the inputs').
@@ -237,7 +244,7 @@ def matmul(
     """
     _check(a_MxK, (b_KxN,))
     (M, K), N = a_MxK.shape, b_KxN.shape[1]
-    blocks = _with_overrides(pick_blocks(M, N, K, a_MxK.dtype), block_m, block_n, block_k)
+    blocks = _with_overrides(pick_blocks(M, N, K, a_MxK.dtype), block_m, block_n, block_k, num_warps, num_stages)
     out_dtype = jnp.dtype(out_dtype or a_MxK.dtype)
     return _matmul(a_MxK, b_KxN, _Gemm(blocks, interpret=interpret), out_dtype)
 
@@ -285,6 +292,8 @@ def swiglu(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """``silu(x @ w_gate) * (x @ w_up)`` ``[M, F]`` in one kernel (two float32 accumulators).
@@ -293,7 +302,7 @@ def swiglu(
     """
     _check(x_MxK, (w_gate_KxF, w_up_KxF))
     (M, K), F = x_MxK.shape, w_gate_KxF.shape[1]
-    blocks = _with_overrides(pick_blocks(M, F, K, x_MxK.dtype), block_m, block_n, block_k)
+    blocks = _with_overrides(pick_blocks(M, F, K, x_MxK.dtype), block_m, block_n, block_k, num_warps, num_stages)
     if blocks.block_n * blocks.block_m > 128 * 128:  # two accumulators: keep the register file
         blocks = dataclasses.replace(blocks, block_n=blocks.block_n // 2)
     return _swiglu(x_MxK, w_gate_KxF, w_up_KxF, _Gemm(blocks, interpret=interpret))

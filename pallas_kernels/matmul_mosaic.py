@@ -9,8 +9,8 @@ flight while the next slices land (``delay_release=1``). The epilogue casts the 
 into shared memory and writes it back with one TMA store.
 
 A smaller cousin of ``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`` (no warp
-specialisation, no persistent grid, no clusters). Shapes must be whole tiles; :func:`matmul`
-runs those on this kernel and everything else on the Triton kernel, announcing the fallback.
+specialisation, no persistent grid, no clusters). Shapes must be whole tiles
+(:func:`unsupported_reason`); the kernel table selects the Triton kernel for the rest.
 
 Status: the tests lower it for CUDA (a ``mosaic_gpu`` custom call) and run it in the Mosaic
 GPU interpreter on CPU against ``jnp.dot`` with the race detector on. The interpreter treats
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.matmul import matmul as triton_matmul
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SWIZZLE = 128  # bytes: the widest TMA/wgmma swizzle
@@ -44,6 +42,9 @@ class Tiles:
     tile_n: int = 128
     tile_k: int = 64  # 128 bytes of bf16/fp16: one swizzle row
     max_concurrent_steps: int = 4
+
+    def describe(self) -> str:
+        return f"{self.tile_m}x{self.tile_n}x{self.tile_k} stages={self.max_concurrent_steps}"
 
 
 def pick_tiles(M: int, N: int, K: int, dtype) -> Tiles:
@@ -141,8 +142,8 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, out_dtype=None, interpret=None) -> jax.Array:
     """``a_MxK @ b_KxN`` on the Hopper kernel, accumulated in float32; differentiable.
 
-    A shape or dtype the kernel cannot take runs on the Triton kernel instead, with a warning.
-    ``interpret``: ``None`` compiles for the GPU; an
+    A shape or dtype the kernel cannot take raises ValueError (:mod:`pallas_kernels.table`
+    selects the Triton kernel for those). ``interpret``: ``None`` compiles for the GPU; an
     ``InterpretGPUParams`` (``jax._src.pallas.mosaic_gpu.interpret.params``) runs the Mosaic GPU
     interpreter on CPU.
     """
@@ -151,6 +152,5 @@ def matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, out_dtype=None, interpret=None
     reason = unsupported_reason(M, N, K, a_MxK.dtype)
     if reason is not None or b_KxN.dtype != a_MxK.dtype:
         reason = reason or f"mixed dtypes {a_MxK.dtype.name}, {b_KxN.dtype.name}"
-        warnings.warn(f"matmul: the Mosaic GPU kernel cannot take {reason}; running the Triton kernel")
-        return triton_matmul(a_MxK, b_KxN, out_dtype=out_dtype, interpret=interpret is not None)
+        raise ValueError(f"matmul_mosaic cannot take {reason}; use pallas_kernels.matmul.matmul")
     return _matmul(a_MxK, b_KxN, out_dtype, interpret)

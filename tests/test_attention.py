@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import attention, attention_reference, resolve_attention_impl
+from pallas_kernels import Call, attention, attention_reference, select
 from jaxlm.config import ConfigError
 
 
@@ -64,13 +64,13 @@ def test_bf16_inputs_keep_float32_softmax():
     "impl, platform, cc, want",
     [
         ("auto", "cpu", None, "xla"),
-        ("auto", "gpu", "9.0", "pallas_mosaic"),  # Hopper: Mosaic GPU forward, Triton backward
-        ("auto", "cuda", "9.0", "pallas_mosaic"),
-        ("auto", "gpu", "8.0", "pallas"),  # Ampere: Triton
-        ("auto", "gpu", "10.0", "pallas"),  # Blackwell: no sm_90 wgmma kernel, Triton
-        ("pallas", "cpu", None, "pallas"),  # the interpreter
-        ("pallas", "gpu", "9.0", "pallas_mosaic"),
-        ("pallas", "gpu", "8.9", "pallas"),
+        ("auto", "gpu", "9.0", "flash_mosaic"),  # Hopper: Mosaic GPU forward, Triton backward
+        ("auto", "cuda", "9.0", "flash_mosaic"),
+        ("auto", "gpu", "8.0", "flash_triton"),  # Ampere: Triton
+        ("auto", "gpu", "10.0", "flash_triton"),  # Blackwell: no sm_90 wgmma kernel, Triton
+        ("pallas", "cpu", None, "flash_triton"),  # the interpreter
+        ("pallas", "gpu", "9.0", "flash_mosaic"),
+        ("pallas", "gpu", "8.9", "flash_triton"),
         ("cudnn", "gpu", "9.0", "cudnn"),
         ("cudnn", "gpu", "8.0", "cudnn"),
         ("xla", "gpu", "9.0", "xla"),
@@ -78,24 +78,24 @@ def test_bf16_inputs_keep_float32_softmax():
     ],
 )
 def test_dispatch_table(impl, platform, cc, want):
-    assert resolve_attention_impl(impl, platform, cc) == want
+    call = Call(jnp.bfloat16, head_dim=64)
+    assert select("attention", call, impl=impl, platform=platform, capability=cc).kernel == want
 
 
 def test_dispatch_cudnn_on_cpu_is_one_line_config_error():
-    with pytest.raises(ConfigError, match=r"^attention_impl 'cudnn' needs an NVIDIA GPU \(platform is 'cpu'\)[^\n]*$"):
-        resolve_attention_impl("cudnn", "cpu")
+    with pytest.raises(ConfigError, match=r"^attention_impl 'cudnn' has no kernel for cpu \(cudnn: not on cpu\)[^\n]*$"):
+        select("attention", Call(jnp.bfloat16, head_dim=4), impl="cudnn", platform="cpu", capability=None)
     q = jnp.ones((1, 2, 2, 4))
     pos = jnp.zeros((1, 2), jnp.int32)
-    with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU"):
+    with pytest.raises(ConfigError, match="'cudnn' has no kernel for cpu"):
         attention(q, q, q, q_positions=pos, kv_positions=pos, impl="cudnn")  # this machine is a CPU
 
 
 def test_dispatch_rejects_unknown_impl():
-    assert resolve_attention_impl("auto", "cpu") == "xla"
-    assert resolve_attention_impl("pallas", "cpu") == "pallas"  # the interpreter
-    with pytest.raises(ConfigError, match="attention_impl 'pallas' has no kernel for platform 'tpu'"):
-        resolve_attention_impl("pallas", "tpu")
+    call = Call(jnp.float32, head_dim=64)
+    with pytest.raises(ConfigError, match="attention_impl 'pallas' has no kernel for tpu"):
+        select("attention", call, impl="pallas", platform="tpu", capability=None)
     with pytest.raises(ConfigError, match="attention_impl 'flash' is not available"):
-        resolve_attention_impl("flash", "cpu")
-    with pytest.raises(ConfigError, match="attention_impl 'cudnn' needs an NVIDIA GPU"):
-        resolve_attention_impl("cudnn", "tpu")
+        select("attention", call, impl="flash", platform="cpu", capability=None)
+    with pytest.raises(ConfigError, match="attention_impl 'cudnn' has no kernel for tpu"):
+        select("attention", call, impl="cudnn", platform="tpu", capability=None)

@@ -1,26 +1,20 @@
-"""The Hopper Mosaic GPU flash-attention forward: interpreter numerics, cross-lowering, fallback.
+"""The Hopper Mosaic GPU flash-attention forward: interpreter numerics and what it is selected for.
 
 No GPU needed: numerics run in the Pallas Mosaic GPU interpreter (it simulates the warpgroups,
-shared memory, TMA, barriers and wgmma on CPU, slowly, hence tiny shapes), and lowering targets
-an abstract H100 so the Mosaic compiler sees every configuration the dispatcher can pick.
+shared memory, TMA, barriers and wgmma on CPU, slowly, hence tiny shapes). The real sm_90a
+compile of every configuration the kernel table can pick is tests/test_kernel_resources.py.
 """
 
 import faulthandler
-import re
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.mesh import AbstractDevice, AbstractMesh
 
-from pallas_kernels import flash_attention, attention_reference
+from pallas_kernels import Call, attention_reference, select
 from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic, unsupported_reason
 from tests.conftest import random_qkv
-
-_H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
 
 
 @pytest.fixture
@@ -76,64 +70,22 @@ def test_interpreter_forward_fp16_head_dim_128_causal(watchdog):
     _close(out, attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos), 5e-3)
 
 
-def _custom_calls(fn, *args) -> list[str]:
-    with jax.sharding.use_abstract_mesh(_H100):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return re.findall(r"custom_call @([\w$.]+)", text)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_cross_lowers_for_h100_forward_and_gradient(dtype, head_dim):
-    """Every config the dispatcher sends to the Mosaic kernel lowers (Mosaic compiler included)."""
-    B, T, H, K = 2, 384, 4, 2
-    q = jax.ShapeDtypeStruct((B, T, H, head_dim), dtype)
-    k = jax.ShapeDtypeStruct((B, T, K, head_dim), dtype)
-    pos = jax.ShapeDtypeStruct((B, T), jnp.int32)
-
-    def attn(q, k, v, pos):
-        return flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, backend="mosaic")
-
-    assert _custom_calls(attn, q, k, k, pos) == ["mosaic_gpu_v2"]
-    grad = jax.grad(lambda q, k, v, pos: _loss(lambda *a: attn(*a, pos), head_dim)(q, k, v), (0, 1, 2))
-    calls = _custom_calls(grad, q, k, k, pos)
-    assert calls.count("mosaic_gpu_v2") == 1 and len(calls) == 3  # + Triton dq and dk/dv
-
-
-def test_cross_lowers_for_h100_decode_shape():
-    """One query against a cache of odd length (padded to the tiles), GQA 4:1."""
-    q = jax.ShapeDtypeStruct((2, 1, 8, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
-
-    def attn(q, k, v, q_pos, kv_pos):
-        return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, backend="mosaic")
-
-    args = (q, k, k, jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 1000), jnp.int32))
-    assert _custom_calls(attn, *args) == ["mosaic_gpu_v2"]
-
-
 @pytest.mark.parametrize(
     "dtype, head_dim, segments, fragment",
     [
         (jnp.float32, 64, False, "dtype float32"),
         (jnp.bfloat16, 32, False, "head_dim 32"),
+        (jnp.bfloat16, 128, False, "head_dim 128"),  # spills on sm_90a (tests/test_kernel_resources.py)
         (jnp.bfloat16, 64, True, "segment ids"),
     ],
 )
-def test_unsupported_inputs_fall_back_to_triton_loudly(dtype, head_dim, segments, fragment):
-    assert fragment in unsupported_reason(dtype, head_dim, segments)
-    B, T, H = 1, 32, 2
-    q, k, v = random_qkv(1, B, T, T, H, H, head_dim, dtype)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    seg = jnp.broadcast_to((jnp.arange(T) >= 12).astype(jnp.int32), (B, T)) if segments else None
-    kwargs = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = flash_attention(q, k, v, **kwargs, interpret=True, backend="mosaic")
-    assert any(fragment in str(w.message) and "Triton" in str(w.message) for w in caught)
-    _close(got, flash_attention(q, k, v, **kwargs, interpret=True), 0)  # the Triton result exactly
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    _close(got, attention_reference(q, k, v, **kwargs), tol)
+def test_inputs_the_kernel_cannot_serve_select_triton_with_the_reason(dtype, head_dim, segments, fragment):
+    call = Call(dtype, head_dim=head_dim, segment_ids=segments)
+    chosen = select("attention", call, impl="auto", platform="gpu", capability="9.0")
+    assert chosen.kernel == "flash_triton" and chosen.substituted
+    assert f"instead of flash_mosaic: {fragment}" in chosen.reason
+    served = select("attention", Call(jnp.bfloat16, head_dim=64), impl="auto", platform="gpu", capability="9.0")
+    assert served.kernel == "flash_mosaic" and not served.substituted
 
 
 def test_rejects_unsupported_inputs_directly():
@@ -141,5 +93,6 @@ def test_rejects_unsupported_inputs_directly():
     pos = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="dtype float32 is not bfloat16/float16"):
         flash_attention_mosaic(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos)
-    with pytest.raises(ValueError, match="backend 'cuda' is not one of triton, mosaic"):
-        flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, backend="cuda")
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with pytest.raises(ValueError, match="head_dim 32 is not 64 or 128"):
+        flash_attention_mosaic(q16[..., :32], k16[..., :32], v16[..., :32], q_positions_BxT=pos, kv_positions_BxS=pos)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError, MeshConfig
-from pallas_kernels.dispatch import PROJECTIONS, gated_mlp_hidden, projection, resolve_matmul_impl
+from pallas_kernels.dispatch import PROJECTIONS, gated_mlp_hidden, projection
+from pallas_kernels.table import Call, select
 from pallas_kernels.matmul import BLOCK_TABLE, matmul, pick_blocks, swiglu
 from sharding.mesh import make_mesh
 from sharding.rules import logical_sharding
@@ -156,14 +157,19 @@ def test_gradients_lower_to_triton(dtype):
 # the seam
 
 
-def test_resolve_matmul_impl():
-    assert resolve_matmul_impl("auto", "cpu") == "xla"
-    assert resolve_matmul_impl("auto", "gpu") == "pallas"
-    assert resolve_matmul_impl("pallas", "cpu") == "pallas"
+def test_select_projection_kernel():
+    def kernel(impl, platform, capability=None, dtype=jnp.bfloat16, mnk=(256, 512, 512)):
+        return select("projection", Call(dtype, mnk=mnk), impl=impl, platform=platform, capability=capability).kernel
+
+    assert kernel("auto", "cpu") == "xla"
+    assert kernel("auto", "gpu", "8.0") == "matmul_triton"
+    assert kernel("auto", "gpu", "9.0") == "matmul_mosaic"
+    assert kernel("auto", "gpu", "9.0", jnp.float32) == "matmul_triton"  # Mosaic: bf16/fp16 only
+    assert kernel("pallas", "cpu") == "matmul_triton"  # the interpreter
     with pytest.raises(ConfigError, match="matmul_impl 'triton' is not available"):
-        resolve_matmul_impl("triton", "gpu")
-    with pytest.raises(ConfigError, match="no kernel for platform 'tpu'"):
-        resolve_matmul_impl("pallas", "tpu")
+        kernel("triton", "gpu", "9.0")
+    with pytest.raises(ConfigError, match="matmul_impl 'pallas' has no kernel for tpu"):
+        kernel("pallas", "tpu")
 
 
 def test_config_rejects_unknown_matmul_impl():
@@ -223,7 +229,8 @@ def test_train_step_with_pallas_projections_matches_xla(devices):
 
 
 # --------------------------------------------------------------------------------------------
-# the Hopper kernel (Mosaic GPU): run in the Mosaic GPU interpreter, lowered for an H100
+# the Hopper kernel (Mosaic GPU) in the Mosaic GPU interpreter (its sm_90a compile:
+# tests/test_kernel_resources.py)
 
 
 def _gpu_interpreter():
@@ -246,7 +253,7 @@ def test_mosaic_kernel_in_the_gpu_interpreter(dtype):
     assert not calls.get_races().races_found
 
 
-def test_mosaic_gradients_and_fallback_in_the_gpu_interpreter():
+def test_mosaic_gradients_in_the_gpu_interpreter_and_shapes_it_refuses():
     from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
 
     interpret, _ = _gpu_interpreter()
@@ -256,20 +263,7 @@ def test_mosaic_gradients_and_fallback_in_the_gpu_interpreter():
     _close(da, da_ref, TOL[jnp.bfloat16])
     _close(db, db_ref, TOL[jnp.bfloat16])
     ragged = _rand(18, (40, 128), jnp.bfloat16)
-    with pytest.warns(UserWarning, match="Mosaic GPU kernel cannot take shape M=40"):
-        got = matmul_hopper(ragged, b, interpret=interpret)  # runs the Triton kernel (interpreted)
-    _close(got, _ref(ragged, b), TOL[jnp.bfloat16])
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_mosaic_kernel_lowers_for_h100(dtype):
-    from jax._src.mesh import AbstractDevice, AbstractMesh
-
-    from pallas_kernels.matmul_mosaic import matmul as matmul_hopper
-
-    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    a, b = jax.ShapeDtypeStruct((256, 512), dtype), jax.ShapeDtypeStruct((512, 384), dtype)
-    loss = jax.value_and_grad(lambda a, b: jnp.sum(matmul_hopper(a, b).astype(jnp.float32)), (0, 1))
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
-        assert _lower_cuda(matmul_hopper, a, b).count("custom_call @mosaic_gpu") == 1
-        assert _lower_cuda(loss, a, b).count("custom_call @mosaic_gpu") == 3  # forward, dA, dB
+    with pytest.raises(ValueError, match="matmul_mosaic cannot take shape M=40"):
+        matmul_hopper(ragged, b, interpret=interpret)
+    chosen = select("projection", Call(jnp.bfloat16, mnk=(40, 64, 128)), impl="pallas", platform="gpu", capability="9.0")
+    assert chosen.kernel == "matmul_triton" and "instead of matmul_mosaic: shape M=40" in chosen.reason
