@@ -117,6 +117,11 @@ def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
         assert 6 * matmul * T + 3 * attention <= program["flops"] <= upper
     r = train["roofline"]
     assert train["step_s"] == max(r["compute_s"], r["memory_s"]) > 0
+    # the model's FLOPs per device: 6 N + attention per token, the forward twice (remat full)
+    model = (6 * matmul + 12 * m.num_layers * m.num_heads * m.head_dim * T / 2) * 8 * T * 4 / 3 / 8
+    assert program["model_flops"] == pytest.approx(model, rel=1e-4)  # (jaxlm.metrics counts the norm scales too)
+    if program["opaque_custom_calls"]:  # the compute term cannot be less than the model's FLOPs
+        assert r["compute_s"] == pytest.approx(max(program["flops"], program["model_flops"]) / plan["peak_flops"])
     assert train["tokens_per_s"] == pytest.approx(8 * T / train["step_s"])
     assert 0 < train["mfu"] < 1
 
