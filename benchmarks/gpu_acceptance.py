@@ -7,10 +7,12 @@ Made for one H100 or H200 under the GPU machine's own stack (Python 3.12, jax 0.
 plugin) with only the jaxlm wheel and pure-Python dependencies added; it runs in about 5-8
 minutes. Three sections, one table (printed, and written as JSON with every figure):
 
-1. **check** - every kernel against its pure-JAX reference on the device, forward and gradients:
-   flash attention (Triton; the Mosaic GPU forward on Hopper) for head_dim 64/128, GQA,
+1. **check** - every kernel of :mod:`pallas_kernels.table` against its pure-JAX reference on the
+   device, forward and gradients: flash attention (``flash_triton``; ``flash_mosaic``, the Mosaic
+   GPU forward with the Triton backward, on Hopper) for head_dim 64/128, GQA,
    bf16/fp16/fp32, segment ids; decode attention over contiguous and paged caches with ragged
-   lengths; the Triton GEMM, the fused SwiGLU and the Mosaic GPU GEMM (Hopper) on the model's
+   lengths (``decode_triton``); the GEMMs ``matmul_triton``, ``swiglu_triton`` and ``matmul_mosaic``
+   (Hopper) on the training model's
    projection shapes. Inputs are fresh random normals (``--seed``, default: the clock, printed).
    Before every kernel run the device allocator is poisoned: buffers of NaN as large as the
    outputs are allocated and freed, so an element a kernel never writes reads NaN and fails the
@@ -73,6 +75,15 @@ def _hopper() -> bool:
     """Mosaic GPU kernels (wgmma, TMA) run on compute capability 9.0 only."""
     device = jax.devices()[0]
     return device.platform in ("gpu", "cuda") and getattr(device, "compute_capability", None) == "9.0"
+
+
+def _table_picks(op: str, kernel: str, **call) -> bool:
+    """Whether :func:`pallas_kernels.table.select` runs ``kernel`` for this call on this GPU under ``pallas``."""
+    from pallas_kernels import table
+
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    return table.select(op, table.Call(**call), impl="pallas", platform="gpu", capability=capability).kernel == kernel
 
 
 def _mosaic_flash(q, k, v, pos):
@@ -143,7 +154,8 @@ def check_kernels(table: Table, smoke: bool) -> None:
             pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             seg = jnp.broadcast_to((jnp.arange(T) >= T // 3).astype(jnp.int32), (B, T))  # two packed documents
             backends = [] if smoke else ["triton"]  # smoke: the segment-id case below covers the Triton kernel
-            for backend in backends + (["mosaic"] if _hopper() and dtype != "float32" else []):
+            mosaic = _hopper() and _table_picks("attention", "flash_mosaic", dtype=dtype, head_dim=D, group=H // K)
+            for backend in backends + (["mosaic"] if mosaic else []):
                 def flash(q, k, v, backend=backend):
                     if backend == "mosaic":  # Mosaic GPU forward, Triton backward
                         return _mosaic_flash(q, k, v, pos)
@@ -186,7 +198,7 @@ def check_kernels(table: Table, smoke: bool) -> None:
             a, b, c = _normal(ka, (M, Kd), dtype), _normal(kb, (Kd, N), dtype), _normal(kc, (Kd, N), dtype)
             _check(table, f"matmul triton {M}x{N}x{Kd} {dtype}", lambda a, b: matmul(a, b, interpret=interpret),
                    jnp.dot, (a, b), dtype)
-            if _hopper() and dtype != "float32":
+            if _hopper() and _table_picks("projection", "matmul_mosaic", dtype=dtype, mnk=(M, N, Kd)):
                 from pallas_kernels.matmul_mosaic import matmul as matmul_mosaic
 
                 _check(table, f"matmul mosaic {M}x{N}x{Kd} {dtype}", matmul_mosaic, jnp.dot, (a, b), dtype)
@@ -218,7 +230,7 @@ def time_kernels(table: Table, smoke: bool) -> None:
             "triton": lambda q, k, v: flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, interpret=smoke),
             "xla": lambda q, k, v: attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos),
         }
-        if _hopper():
+        if _hopper() and _table_picks("attention", "flash_mosaic", dtype=dtype, head_dim=D, group=H // K):
             impls["mosaic"] = lambda q, k, v: _mosaic_flash(q, k, v, pos)
         if on_gpu:
             impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
