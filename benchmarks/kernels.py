@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention_reference, decode_attention, decode_attention_reference, flash_attention
+from pallas_kernels import attention_reference, decode_attention, decode_attention_reference
 
 
 def _time(fn, *args, iters: int) -> float:

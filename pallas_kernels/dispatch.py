@@ -116,8 +116,8 @@ def _local_kernel(chosen: Selection):
         return _cudnn
 
     def run(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None):
-        del kv_seg  # the kernels' segment ids are the queries' own (self-attention)
-        return table.run_attention(chosen.kernel, chosen.blocks, q, k, v, q_pos, kv_pos, q_seg, interpret=_interpret())
+        return table.run_attention(chosen.kernel, chosen.blocks, q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                   interpret=_interpret())
 
     return run
 

@@ -9,8 +9,10 @@ Inputs are bfloat16, float16 or float32 (the same dtype for both); float32 runs 
 in IEEE mode (``Precision.HIGHEST``), not TF32. Any M, N, K work: the wrapper zero-pads each
 dimension up to its block (zeros in K add nothing) and slices the result back.
 
-Block sizes come from one table, :data:`BLOCK_TABLE`, read by :func:`pick_blocks`; callers may
-override them (powers of two, at least 16). The backward pass (``jax.custom_vjp``) runs the same
+Block sizes come from :data:`BLOCK_TABLE` (:func:`pick_blocks`) and, for the fused SwiGLU,
+:data:`SWIGLU_BLOCK_TABLE`; the kernel table (:mod:`pallas_kernels.table`) lists both and every
+row is compiled for sm_80 and sm_90 by the tests. Callers may override them (powers of two, at
+least 16). The backward pass (``jax.custom_vjp``) runs the same
 kernel with a transposed operand read in place (no transpose is materialised):
 ``dA = dC B^T`` and ``dB = A^T dC``, each with blocks picked for its own shape; ``dC`` is cast
 to the inputs' dtype first, so a bf16 GEMM with a float32 output has bf16 backward GEMMs.
@@ -63,11 +65,32 @@ BLOCK_TABLE: dict[tuple[str, int], Blocks] = {
 }
 
 
+# The fused SwiGLU kernel keeps two accumulators, so its tiles are smaller where one-accumulator
+# tiles spill (ptxas, sm_80: float32 16x64, 64x64 and 128x64; bfloat16 128x128).
+SWIGLU_BLOCK_TABLE: dict[tuple[str, int], Blocks] = {
+    ("skinny", 2): Blocks(16, 64, 128, num_warps=4, num_stages=4),
+    ("skinny", 4): Blocks(16, 32, 64, num_warps=4, num_stages=3),
+    ("medium", 2): Blocks(64, 128, 64, num_warps=8, num_stages=4),
+    ("medium", 4): Blocks(32, 64, 32, num_warps=4, num_stages=3),
+    ("large", 2): Blocks(64, 128, 64, num_warps=8, num_stages=4),
+    ("large", 4): Blocks(32, 64, 32, num_warps=4, num_stages=3),
+}
+
+
+def _row_class(M: int) -> str:
+    return "skinny" if M <= 16 else "medium" if M <= 256 else "large"
+
+
 def pick_blocks(M: int, N: int, K: int, dtype) -> Blocks:
     """The table entry for an ``[M, K] @ [K, N]`` product of ``dtype`` inputs."""
     del N, K  # padded to the block; the table is keyed on what changes the best tile most
-    rows = "skinny" if M <= 16 else "medium" if M <= 256 else "large"
-    return BLOCK_TABLE[(rows, 2 if jnp.dtype(dtype).itemsize <= 2 else 4)]
+    return BLOCK_TABLE[(_row_class(M), 2 if jnp.dtype(dtype).itemsize <= 2 else 4)]
+
+
+def pick_swiglu_blocks(M: int, F: int, K: int, dtype) -> Blocks:
+    """The :data:`SWIGLU_BLOCK_TABLE` entry for ``silu(x @ w_gate) * (x @ w_up)``, ``x: [M, K]``."""
+    del F, K
+    return SWIGLU_BLOCK_TABLE[(_row_class(M), 2 if jnp.dtype(dtype).itemsize <= 2 else 4)]
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -302,7 +325,5 @@ def swiglu(
     """
     _check(x_MxK, (w_gate_KxF, w_up_KxF))
     (M, K), F = x_MxK.shape, w_gate_KxF.shape[1]
-    blocks = _with_overrides(pick_blocks(M, F, K, x_MxK.dtype), block_m, block_n, block_k, num_warps, num_stages)
-    if blocks.block_n * blocks.block_m > 128 * 128:  # two accumulators: keep the register file
-        blocks = dataclasses.replace(blocks, block_n=blocks.block_n // 2)
+    blocks = _with_overrides(pick_swiglu_blocks(M, F, K, x_MxK.dtype), block_m, block_n, block_k, num_warps, num_stages)
     return _swiglu(x_MxK, w_gate_KxF, w_up_KxF, _Gemm(blocks, interpret=interpret))

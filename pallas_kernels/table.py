@@ -29,8 +29,10 @@ swiglu             swiglu_triton (auto, pallas) -- as matmul_triton
 ``auto`` runs an interpreter never: on CPU it is ``xla``. Other platforms (TPU, ROCm) get ``xla``
 under ``auto`` and a one-line ConfigError for ``pallas``/``cudnn``.
 
-Blocks. Each candidate's block table is :data:`BLOCKS` (matmul_triton's is
-:data:`pallas_kernels.matmul.BLOCK_TABLE`, which its backward also reads). Every row is
+Blocks. Each candidate's block table is in :data:`BLOCKS` (matmul_triton's is
+:data:`pallas_kernels.matmul.BLOCK_TABLE`, which its backward and SwiGLU's also read;
+swiglu_triton's :data:`pallas_kernels.matmul.SWIGLU_BLOCK_TABLE`; matmul_mosaic's tiles come
+from :func:`pallas_kernels.matmul_mosaic.pick_tiles`). Every row is
 compiled for sm_80 and sm_90 by ``tests/test_kernel_resources.py`` (``pallas_kernels.resources``)
 and must compile with no spills and within the target's shared memory: a configuration that
 fails is not in the table, and the known-bad ones (:func:`known_bad`) are kept as negative
@@ -128,9 +130,9 @@ def _flash_class(head_dim: int) -> int:
 BLOCKS: dict[str, Mapping[Any, Any]] = {
     "flash_mosaic": {(64, 2): MosaicFlashBlocks()},
     "flash_triton": {
-        (64, 2): FlashBlocks(64, 64),
+        (64, 2): FlashBlocks(64, 32),  # 64 x 64: the dq kernel spills on sm_80 (4 warps at head_dim 64)
         (128, 2): FlashBlocks(64, 64),
-        (64, 4): FlashBlocks(64, 32),
+        (64, 4): FlashBlocks(32, 32),  # 64 x 32: dq and dk/dv spill on sm_80
         (128, 4): FlashBlocks(32, 32),
     },
     "decode_triton": {
@@ -265,10 +267,14 @@ def blocks_for(kernel: str, call: Call):
         return BLOCKS[kernel][(_flash_class(call.head_dim), _nbytes(call.dtype))]
     if kernel == "decode_triton":
         return BLOCKS[kernel][("contiguous" if call.cache == "contiguous" else call.page_size, _nbytes(call.dtype))]
-    if kernel in ("matmul_triton", "swiglu_triton") and call.mnk:
+    if kernel == "matmul_triton" and call.mnk:
         from pallas_kernels.matmul import pick_blocks
 
         return pick_blocks(*call.mnk, call.dtype)
+    if kernel == "swiglu_triton" and call.mnk:
+        from pallas_kernels.matmul import pick_swiglu_blocks
+
+        return pick_swiglu_blocks(*call.mnk, call.dtype)
     if kernel == "matmul_mosaic" and call.mnk:
         from pallas_kernels.matmul_mosaic import pick_tiles
 
@@ -361,14 +367,14 @@ def pickable(target) -> list[dict]:
     for (layout, nbytes), blocks in BLOCKS["decode_triton"].items():
         out.append(dict(kind="decode", kernel="decode_triton", blocks=blocks, dtype=bf16 if nbytes == 2 else fp32,
                         head_dim=128, q_len=DECODE_MAX_QUERY_TOKENS, paged=layout != "contiguous", heads=heads))
-    from pallas_kernels.matmul import BLOCK_TABLE
+    from pallas_kernels.matmul import BLOCK_TABLE, SWIGLU_BLOCK_TABLE
 
     m_of = {"skinny": 16, "medium": 256, "large": 2048}
     for (cls, nbytes), blocks in BLOCK_TABLE.items():
         dtype = bf16 if nbytes == 2 else fp32
         out.append(dict(kind="projection", kernel="matmul_triton", blocks=blocks, dtype=dtype, mnk=(m_of[cls], 1024, 1024)))
-        out.append(dict(kind="swiglu", kernel="swiglu_triton", blocks=blocks, dtype=dtype, mnk=(m_of[cls], 1024, 1024),
-                        grad=False))
+        out.append(dict(kind="swiglu", kernel="swiglu_triton", blocks=SWIGLU_BLOCK_TABLE[(cls, nbytes)], dtype=dtype,
+                        mnk=(m_of[cls], 1024, 1024), grad=False))
     if on_target("projection", "matmul_mosaic"):
         from pallas_kernels.matmul_mosaic import pick_tiles
 
@@ -398,18 +404,19 @@ def known_bad(target) -> list[dict]:
 # running a selected kernel (the dispatch and the compile test call these)
 
 
-def run_attention(kernel: str, blocks, q, k, v, q_pos, kv_pos, seg=None, *, interpret: bool):
-    """Self-attention-shaped call of a flash candidate with explicit blocks."""
+def run_attention(kernel: str, blocks, q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, interpret: bool):
+    """A flash candidate with explicit blocks; ``kv_seg`` defaults to ``q_seg`` (self-attention)."""
     if kernel == "flash_mosaic":
         from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic
 
-        assert seg is None, "flash_mosaic takes no segment ids (select() never picks it for them)"
+        assert q_seg is None, "flash_mosaic takes no segment ids (select() never picks it for them)"
         return flash_attention_mosaic(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
                                       block_kv=blocks.block_kv, interpret=interpret)
     from pallas_kernels.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=seg,
-                           kv_segment_ids_BxS=seg, block_q=blocks.block_q, block_k=blocks.block_k, interpret=interpret)
+    return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=q_seg,
+                           kv_segment_ids_BxS=q_seg if kv_seg is None else kv_seg, block_q=blocks.block_q,
+                           block_k=blocks.block_k, interpret=interpret)
 
 
 def run_decode(kernel: str, blocks: DecodeBlocks, q, k_cache, v_cache, lengths, page_table=None, *, interpret: bool):

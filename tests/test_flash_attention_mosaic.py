@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import Call, attention_reference, select
-from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic, unsupported_reason
+from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic
 from tests.conftest import random_qkv
 
 

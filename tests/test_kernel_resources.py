@@ -16,11 +16,18 @@ from pallas_kernels import resources, table
 from sharding import targets
 from tests.conftest import REPO
 
-# the compiler's own words for the three configurations that pass interpret mode and cross-lowering
+# the three configurations that pass interpret mode and cross-lowering, and what the compiler says
 KNOWN_BAD = {
-    "block_q=128 block_k=512": "294912",  # shared memory requested by the flash forward
-    "block_q=256 block_k=128": "spills",
-    "256x256x256 warps=8 stages=3": "786432",
+    "h100": {
+        "block_q=128 block_k=512": "requested 294912, available: 232448",  # the flash forward's shared memory
+        "block_q=256 block_k=128": "spills",
+        "256x256x256 warps=8 stages=3": "requested 786432, available: 232448",
+    },
+    "a100": {  # sm_80 pipelines differently: the first two spill, the GEMM asks for two stages' worth
+        "block_q=128 block_k=512": "spills",
+        "block_q=256 block_k=128": "spills",
+        "256x256x256 warps=8 stages=3": "requested 524288, available: 166912",
+    },
 }
 
 
@@ -62,8 +69,8 @@ def test_every_pickable_configuration_compiles_clean_and_known_bad_ones_are_flag
         assert 0 < r.registers <= 255 and r.threads in (128, 256, 384) and r.shared_memory > 0
 
     flagged = {r.config: resources.problems(r, spec) for r in rows if not r.expect_ok}
-    assert set(flagged) == set(KNOWN_BAD)
-    for config, words in KNOWN_BAD.items():
+    assert set(flagged) == set(KNOWN_BAD[target])
+    for config, words in KNOWN_BAD[target].items():
         assert any(words in p for p in flagged[config]), (config, flagged[config])
 
 
@@ -100,13 +107,14 @@ def test_checker_flags_each_limit():
 
 
 def test_cases_cover_every_block_table_row():
-    from pallas_kernels.matmul import BLOCK_TABLE
+    from pallas_kernels.matmul import BLOCK_TABLE, SWIGLU_BLOCK_TABLE
 
     for name, capability in (("h100", 9), ("a100", 8)):
         configs = {(c.kernel, c.config) for c in resources.cases(targets.get_target(name)) if c.expect_ok}
         want = {("flash_triton", b.describe()) for b in table.BLOCKS["flash_triton"].values()}
         want |= {("decode_triton", b.describe()) for b in table.BLOCKS["decode_triton"].values()}
-        want |= {(k, b.describe()) for b in BLOCK_TABLE.values() for k in ("matmul_triton", "swiglu_triton")}
+        want |= {("matmul_triton", b.describe()) for b in BLOCK_TABLE.values()}
+        want |= {("swiglu_triton", b.describe()) for b in SWIGLU_BLOCK_TABLE.values()}
         if capability == 9:
             want |= {("flash_mosaic", b.describe()) for b in table.BLOCKS["flash_mosaic"].values()}
         assert want <= configs

@@ -20,16 +20,20 @@ import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlm.config import MeshConfig
 from sharding.mesh import make_compile_only_mesh
+from pallas_kernels.dispatch import device_info
 out = {"backend": jax.default_backend()}
 for name in targets.TARGETS:
     mesh = make_compile_only_mesh(MeshConfig(data=2, fsdp=-1, tensor=2), name, "2x8")
     x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"), "tensor")))
     compiled = jax.jit(lambda x: x @ x.T).trace(x).lower().compile()
+    seen = []  # what kernel selection sees while tracing under the compile-only mesh
+    with jax.set_mesh(mesh):
+        jax.jit(lambda x: seen.append(device_info()) or x).trace(x)
     d = mesh.devices.flat[0]
     out[name] = {"kind": d.device_kind, "cc": d.compute_capability, "n": mesh.devices.size,
                  "hosts": len({d.process_index for d in mesh.devices.flat}),
                  "arg_bytes": compiled.memory_analysis().argument_size_in_bytes,
-                 "text": compiled.as_text()[:200000]}
+                 "text": compiled.as_text()[:200000], "selects_for": seen}
 print(json.dumps(out))
 """
 
@@ -52,6 +56,7 @@ def test_each_target_compiles_as_itself(probe):
         # per device: a [256/8, 512/2] bf16 shard of x
         assert got["arg_bytes"] == 256 // 8 * 512 // 2 * 2
         assert "custom-call" in got["text"] or "fusion" in got["text"]  # a GPU program, not the CPU's
+        assert got["selects_for"] == [["gpu", target.compute_capability]]  # kernels are chosen for that GPU
 
 
 def test_peak_flops_come_from_the_target_table():
