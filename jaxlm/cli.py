@@ -7,6 +7,7 @@
     jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
     jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm rules            # print the logical -> mesh sharding table
+    jaxlm plan CONFIG [overrides ...] --target h100|h200|a100 --topology HOSTSxGPUS [--json PATH]
     jaxlm kernels CONFIG [section.key=value ...] [--target h100|h200|a100|cpu]   # what each call runs, and why
 """
 
@@ -164,6 +165,31 @@ def _port(text: str) -> int:
     return value
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax loads: the CUDA plugin's "no driver" lines
+    import jaxlm
+    from sharding.targets import use_gpu_compile_toolchain
+
+    try:
+        use_gpu_compile_toolchain()
+    except RuntimeError as e:
+        raise jaxlm.ConfigError(str(e)) from None
+    from jaxlm.plan import format_plan, plan_run
+
+    cfg = jaxlm.load_config(args.config, args.overrides)
+    plan = plan_run(
+        cfg, args.target, args.topology, train=not args.no_train, decode=not args.no_decode,
+        decode_batch=args.decode_batch, context=args.context, memory_fraction=args.memory_fraction,
+    )
+    print(f"{args.config}: {format_plan(plan)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=1)
+
+
 def _kernels(args: argparse.Namespace) -> None:
     import jaxlm
     from jaxlm.kernels import format_kernel_calls
@@ -228,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)
+    pl = sub.add_parser("plan", help="compile the train and decode steps for a GPU cluster: memory, collectives, roofline")
+    pl.add_argument("config", help="path to a YAML config, e.g. configs/llama3_8b.yaml")
+    pl.add_argument("overrides", nargs="*", help="section.key=value overrides or layout YAML files, as for train")
+    pl.add_argument("--target", default="h100", help="GPU model: h100, h200 or a100 (sharding/targets.py)")
+    pl.add_argument("--topology", default="1x8", help="HOSTSxGPUS, e.g. 1x8 or 2x8")
+    pl.add_argument("--decode-batch", dest="decode_batch", type=int, default=16, help="sequences decoded together")
+    pl.add_argument("--context", type=int, default=None, help="tokens per decoded sequence (default: data.seq_len)")
+    pl.add_argument("--memory-fraction", dest="memory_fraction", type=float, default=0.75,
+                    help="share of HBM the run may use (JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)")
+    pl.add_argument("--json", default=None, help="also write the plan as JSON to this path")
+    pl.add_argument("--no-train", dest="no_train", action="store_true", help="skip the train step")
+    pl.add_argument("--no-decode", dest="no_decode", action="store_true", help="skip the decode step")
+    pl.set_defaults(fn=_plan)
     k = sub.add_parser("kernels", help="print what each attention/projection call of a model runs, and why")
     k.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
     k.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order")
