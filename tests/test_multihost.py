@@ -351,7 +351,7 @@ class Job:
             self.lines[i].append(line)
         return line
 
-    def wait_for_step(self, i: int, at_least: int, timeout: float = 150) -> int:
+    def wait_for_step(self, i: int, at_least: int, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
