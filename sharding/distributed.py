@@ -192,7 +192,7 @@ def initialize(env: Mapping[str, str] | None = None) -> DistributedSettings | No
                       LOST_PEER_EXIT_CODE, settings.coordinator_address or "")
     watch.start()
     _watch.append(watch)
-    atexit.register(watch.stopped.set)  # runs before jax's own shutdown barrier
+    atexit.register(watch.exiting.set)  # runs before jax's own shutdown barrier, which a lost peer would hold
     return settings
 
 

@@ -58,6 +58,10 @@ class PeerWatch(threading.Thread):
         self.coordinator_address = coordinator_address
         self.on_lost = on_lost or self._exit
         self.stopped = threading.Event()
+        # Set at interpreter exit: the heartbeats go on (peers still running must not report this
+        # process) and a peer that died still ends this one with its one line, instead of jax's
+        # shutdown barrier waiting for it; a coordinator gone after the shutdown barrier is normal.
+        self.exiting = threading.Event()
 
     def _exit(self, message: str) -> None:
         print(f"jaxlm: error: {message}; ending process {self.me}", file=sys.stderr, flush=True)
@@ -78,6 +82,8 @@ class PeerWatch(threading.Thread):
                 self.client.key_value_set(f"{KEY_PREFIX}{self.me}", str(beat), allow_overwrite=True)
                 entries = self.client.key_value_dir_get(KEY_PREFIX)
             except Exception as e:  # the coordination service lives in process 0
+                if self.exiting.is_set():
+                    return
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 who = "the coordinator" if self.me != 0 else "the coordination service"
                 self._lost(f"lost {who} (process 0 at {self.coordinator_address}): {first}")

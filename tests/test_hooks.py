@@ -94,3 +94,35 @@ def test_profile_steps_are_checked(value, message, tmp_path):
         tiny_config(f"train.profile_steps={value}", f"checkpoint.dir={tmp_path}")
     with pytest.raises(ConfigError, match="set checkpoint.dir"):
         tiny_config("train.profile_steps=[1, 2]")
+
+
+class _Loop:
+    """What PreemptionHook reads of a loop: the step and request_stop."""
+
+    def __init__(self, step):
+        self.step, self.stop_reason = step, None
+
+    def request_stop(self, reason):
+        self.stop_reason = self.stop_reason or reason
+
+
+def test_preemption_hook_turns_a_signal_into_a_stop_after_the_step():
+    import os
+    import signal
+
+    from jaxlm.hooks import PreemptionHook
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    hook, loop = PreemptionHook(), _Loop(step=3)
+    hook.start(loop)
+    try:
+        hook.after_step(loop)
+        assert loop.stop_reason is None
+        os.kill(os.getpid(), signal.SIGTERM)  # one process: handled here, not by jax's preemption service
+        hook.after_step(loop)
+        assert loop.stop_reason == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the step
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        hook.end(loop)
+    assert {s: signal.getsignal(s) for s in before} == before

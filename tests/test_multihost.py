@@ -351,7 +351,7 @@ class Job:
             self.lines[i].append(line)
         return line
 
-    def wait_for_step(self, i: int, at_least: int, timeout: float = 150) -> int:
+    def wait_for_step(self, i: int, at_least: int, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -476,7 +476,7 @@ def test_kill9_of_process_1_during_async_save_ends_process_0_and_resumes(stop_re
     job.kill()
     assert rc == LOST_PEER_EXIT_CODE and report is None, job.stderr(0)[-3000:]
     assert f"jaxlm: error: lost process 1 of 2 (no heartbeat for {heartbeat_s} s); ending process 0" in job.stderr(0)
-    assert elapsed < heartbeat_s + 10
+    assert elapsed < heartbeat_s + 15
     assert committed_steps(run) == [target - 4], "the killed save must not commit"
 
     job = Job(run, tmp_path, pace=0)
