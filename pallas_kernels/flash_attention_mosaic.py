@@ -39,7 +39,7 @@ this forward with the Triton dq and dk/dv kernels (probabilities recomputed from
 A query row that sees no key gives zeros, as in the Triton kernel.
 
 Verification (no GPU needed; ``tests/test_flash_attention_mosaic.py``):
-  * numerics: the Pallas Mosaic GPU interpreter (``interpret=True``; jax >= 0.10) runs the
+  * numerics: the Pallas Mosaic GPU interpreter (``interpret=InterpretGPUParams()``; jax >= 0.10) runs the
     kernel on CPU, simulating the warpgroups as threads, shared memory, TMA copies, barriers and
     wgmma; it matches :func:`pallas_kernels.reference.attention_reference` for bf16 with
     head_dim 64 and GQA (forward and the mixed Mosaic-forward/Triton-backward gradients) and for
@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,13 +96,7 @@ class MosaicConfig:
     block_q: int = 64  # per compute warpgroup (wgmma M = 64)
     block_kv: int = 128
     max_concurrent_steps: int = 2
-    interpret: bool = False
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
+    interpret: Any = None  # None: compile for the GPU; else the Mosaic GPU interpreter's parameters
 
 
 def _forward_kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, qmax_ref, kvmin_ref, o_ref, lse_ref,
@@ -117,10 +112,10 @@ def _forward_kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, qmax_ref, kvmin_r
     dtype = q_ref.dtype
 
     def cast(x, layout):  # a lowering hint; the interpreter has no layouts
-        return x if cfg.interpret else plgpu.layout_cast(x, layout)
+        return x if cfg.interpret is not None else plgpu.layout_cast(x, layout)
 
     def load(ref, layout):
-        return ref[...] if cfg.interpret else plgpu.load(ref, (), layout=layout, optimized=False)
+        return ref[...] if cfg.interpret is not None else plgpu.load(ref, (), layout=layout, optimized=False)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -266,7 +261,7 @@ def _forward(cfg: MosaicConfig, q, k, v, q_pos, kv_pos):
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if cfg.interpret else False,
+        interpret=cfg.interpret if cfg.interpret is not None else False,
     )(q, kt, v, q_pos, kv_pos, q_max, kv_min)
 
 
@@ -284,7 +279,7 @@ def _flash_bwd(cfg, res, do):
     q, k, v, q_pos, kv_pos, o, lse = res
     # Padded keys carry position int32.max, so no index mask is needed (kv_len = padded S).
     tcfg = _TritonConfig(sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=64,
-                         kv_len=k.shape[1], interpret=cfg.interpret)
+                         kv_len=k.shape[1], interpret=cfg.interpret is not None)
     dq, dk, dv = _triton_backward(tcfg, q, k, v, q_pos, kv_pos, None, None, o, lse, do)
     return dq, dk, dv, None, None
 
@@ -302,13 +297,15 @@ def flash_attention_mosaic(
     kv_positions_BxS: jax.Array,
     sm_scale: float | None = None,
     block_kv: int = 128,
-    interpret: bool = False,
+    interpret: Any = None,
 ) -> jax.Array:
     """Mosaic GPU forward + Triton backward; ``[batch, q_len, heads, head_dim]`` in q's dtype.
 
     Inputs must satisfy :func:`unsupported_reason` (bf16/fp16, head_dim 64/128, no segments);
-    ValueError otherwise (the kernel table selects another kernel for them). ``interpret=True``
-    runs the forward in the Mosaic GPU interpreter and the backward in the Pallas interpreter.
+    ValueError otherwise (the kernel table selects another kernel for them). ``interpret``: None
+    compiles for the GPU; the Mosaic GPU interpreter's parameters (``InterpretGPUParams``, which
+    jax does not export publicly, so the caller builds it) run the forward in that interpreter
+    and the backward in the Pallas interpreter.
     """
     B, T, H, D = q_BxTxHxD.shape
     _, S, K, _ = k_BxSxKxD.shape

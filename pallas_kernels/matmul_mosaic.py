@@ -143,9 +143,9 @@ def matmul(a_MxK: jax.Array, b_KxN: jax.Array, *, out_dtype=None, interpret=None
     """``a_MxK @ b_KxN`` on the Hopper kernel, accumulated in float32; differentiable.
 
     A shape or dtype the kernel cannot take raises ValueError (:mod:`pallas_kernels.table`
-    selects the Triton kernel for those). ``interpret``: ``None`` compiles for the GPU; an
-    ``InterpretGPUParams`` (``jax._src.pallas.mosaic_gpu.interpret.params``) runs the Mosaic GPU
-    interpreter on CPU.
+    selects the Triton kernel for those). ``interpret``: ``None`` compiles for the GPU; the
+    Mosaic GPU interpreter's parameters (``InterpretGPUParams``, which jax exports under no public
+    name, so the caller builds it) run the Mosaic GPU interpreter on CPU.
     """
     (M, K), N = a_MxK.shape, b_KxN.shape[1]
     out_dtype = jnp.dtype(out_dtype or a_MxK.dtype)

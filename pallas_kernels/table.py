@@ -411,7 +411,7 @@ def run_attention(kernel: str, blocks, q, k, v, q_pos, kv_pos, q_seg=None, kv_se
 
         assert q_seg is None, "flash_mosaic takes no segment ids (select() never picks it for them)"
         return flash_attention_mosaic(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-                                      block_kv=blocks.block_kv, interpret=interpret)
+                                      block_kv=blocks.block_kv, interpret=interpret or None)
     from pallas_kernels.flash_attention import flash_attention
 
     return flash_attention(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, q_segment_ids_BxT=q_seg,

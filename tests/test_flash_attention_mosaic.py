@@ -16,6 +16,11 @@ from pallas_kernels import Call, attention_reference, select
 from pallas_kernels.flash_attention_mosaic import flash_attention_mosaic
 from tests.conftest import random_qkv
 
+# jax exports no public name for the Mosaic GPU interpreter's parameters; the package takes them
+# from its caller, so the private import stays here in the tests.
+_params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+INTERPRET = _params.InterpretGPUParams()
+
 
 @pytest.fixture
 def watchdog():
@@ -46,7 +51,7 @@ def test_interpreter_forward_and_gradient_bf16_gqa_prefill(watchdog):
 
     def mosaic(q, k, v):
         return flash_attention_mosaic(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-                                      block_kv=64, interpret=True)
+                                      block_kv=64, interpret=INTERPRET)
 
     def ref(q, k, v):
         return attention_reference(q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos)
@@ -65,7 +70,7 @@ def test_interpreter_forward_fp16_head_dim_128_causal(watchdog):
     q, k, v = random_qkv(3, B, T, T, H, K, D, jnp.float16)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     out = flash_attention_mosaic(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, block_kv=64,
-                                 interpret=True)
+                                 interpret=INTERPRET)
     assert out.dtype == jnp.float16
     _close(out, attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos), 5e-3)
 
