@@ -12,7 +12,6 @@ export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA
 # .venv-<name>/ from constraints/<name>.txt, without torch (the interop parity tests skip).
 SECONDARY := py312-jax0.11 py312-jax0.12
 PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
-# Under jax >= 0.11 the Pallas-Triton cross-lowering tests are expected failures (tests/conftest.py).
 
 .PHONY: demo demo-real test install bench clean $(SECONDARY:%=install-%) $(SECONDARY:%=test-%)
 .PRECIOUS: .venv-%/.installed
@@ -48,7 +47,8 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
-# `make test-py312-jax0.11`: every test that does not need torch, on that combination.
+# `make test-py312-jax0.11`: every test that does not need torch, on that combination (the
+# Pallas-Triton cross-lowering tests are expected failures under jax >= 0.11: tests/conftest.py).
 $(SECONDARY:%=install-%): install-%: .venv-%/.installed
 
 .venv-%/.installed: pyproject.toml constraints/%.txt
