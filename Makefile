@@ -12,7 +12,13 @@ RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 RUN    := $(RUN)
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA_FLAGS)
 
-.PHONY: demo demo-real test install gpu-compile bench clean
+# The other tested combinations (Python 3.12, jax 0.11 / newest): one virtual environment each,
+# .venv-<name>/ from constraints/<name>.txt, without torch (the interop parity tests skip).
+SECONDARY := py312-jax0.11 py312-jax0.12
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+
+.PHONY: demo demo-real test install gpu-compile bench clean $(SECONDARY:%=install-%) $(SECONDARY:%=test-%)
+.PRECIOUS: .venv-%/.installed
 
 install: $(STAMP) $(GPU_STAMP)
 gpu-compile: $(GPU_STAMP)
@@ -49,8 +55,24 @@ demo-real: $(STAMP)
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
 
+TEST_WORKERS ?= 2
 test: $(STAMP) $(GPU_STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+
+# `make test-py312-jax0.11`: every test that does not need torch, on that combination (the
+# Pallas-Triton cross-lowering tests are expected failures under jax >= 0.11: tests/conftest.py).
+$(SECONDARY:%=install-%): install-%: .venv-%/.installed
+
+.venv-%/.installed: pyproject.toml constraints/%.txt
+	@test -n "$(PYTHON312)" || { echo "make: python3.12 not found; install Python 3.12 or pass PYTHON312=/path/to/python3.12"; exit 2; }
+	rm -rf .venv-$*
+	$(PYTHON312) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-$*/bin/python -m pip install --quiet -c constraints/$*.txt -e ".[test]"
+	touch $@
+
+$(SECONDARY:%=test-%): test-%: .venv-%/.installed
+	.venv-$*/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
@@ -58,4 +80,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serving.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SECONDARY:%=.venv-%) runs .pytest_cache

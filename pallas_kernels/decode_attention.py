@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.flash_attention import (
     _MIN_BLOCK,
@@ -48,6 +47,7 @@ from pallas_kernels.flash_attention import (
     online_softmax_init,
     online_softmax_step,
 )
+from pallas_kernels.triton_backend import plt
 
 BLOCK_K = 64  # default key block (contiguous layout)
 NUM_SPLITS = 8  # default number of programs the sequence is split over, per (batch, kv head)

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.triton_backend import plt
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf anywhere
 _MIN_BLOCK = 16  # tl.dot needs every matmul dimension to be at least 16

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -75,6 +76,11 @@ _COMPUTE_WGS = 2
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+# ``plgpu.load(ref, idx, ...)``: jax 0.10 requires the index, jax 0.11 deprecates it and jax 0.12
+# removes it (one indexes the ref itself). This kernel loads whole refs: an empty index where the
+# argument is required, none otherwise.
+_LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_INDEX = ((),) if _LOAD_IDX is not None and _LOAD_IDX.default is inspect.Parameter.empty else ()
 
 
 def unsupported_reason(dtype, head_dim: int, has_segments: bool) -> str | None:
@@ -115,7 +121,7 @@ def _forward_kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, qmax_ref, kvmin_r
         return x if cfg.interpret is not None else plgpu.layout_cast(x, layout)
 
     def load(ref, layout):
-        return ref[...] if cfg.interpret is not None else plgpu.load(ref, (), layout=layout, optimized=False)
+        return ref[...] if cfg.interpret is not None else plgpu.load(ref, *_LOAD_INDEX, layout=layout, optimized=False)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():

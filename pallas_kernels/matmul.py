@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.triton_backend import plt
 
 GROUP_M = 8  # row-blocks per program group (L2 reuse)
 _MIN_BLOCK = 16  # tl.dot needs every matmul dimension to be at least 16
