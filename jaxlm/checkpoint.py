@@ -69,7 +69,9 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig = CheckpointConfig(), *, create: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         if not create and not self.directory.is_dir():
-            raise ConfigError(f"checkpoint directory '{self.directory}' does not exist")
+            what = "is a file, not a run directory" if self.directory.exists() else "does not exist"
+            raise ConfigError(f"checkpoint directory '{self.directory}' {what}; pass the checkpoint.dir of a "
+                              "`jaxlm train` run or of `jaxlm convert`")
         if create:
             _check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(

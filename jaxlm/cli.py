@@ -135,7 +135,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (``jaxlm: error: ...``) instead of usage text and a message."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise _UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+        where = "" if self.prog == "jaxlm" else f"{self.prog}: "  # main() already says "jaxlm: error:"
+        raise _UsageError(f"{where}{message}; see `{self.prog} --help`")
 
 
 def _positive_int(text: str) -> int:
@@ -156,6 +157,32 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value
+
+
+def _gpu_target(text: str) -> str:
+    from sharding.targets import TARGETS
+
+    if text.lower() not in TARGETS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU target; choose one of {', '.join(TARGETS)}")
+    return text.lower()
+
+
+def _gpu_target_or_cpu(text: str) -> str:
+    from sharding.targets import TARGETS
+
+    if text.lower() not in (*TARGETS, "cpu"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a target; choose one of {', '.join(TARGETS)}, cpu")
+    return text.lower()
+
+
+def _topology(text: str) -> str:
+    from sharding.targets import topology_name
+
+    try:
+        topology_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _port(text: str) -> int:
@@ -257,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="compile the train and decode steps for a GPU cluster: memory, collectives, roofline")
     pl.add_argument("config", help="path to a YAML config, e.g. configs/llama3_8b.yaml")
     pl.add_argument("overrides", nargs="*", help="section.key=value overrides or layout YAML files, as for train")
-    pl.add_argument("--target", default="h100", help="GPU model: h100, h200 or a100 (sharding/targets.py)")
-    pl.add_argument("--topology", default="1x8", help="HOSTSxGPUS, e.g. 1x8 or 2x8")
+    pl.add_argument("--target", default="h100", type=_gpu_target, help="GPU model: h100, h200 or a100 (default h100)")
+    pl.add_argument("--topology", default="1x8", type=_topology,
+                    help="HOSTSxGPUS, e.g. 1x8 or 2x8, or SLICESxHOSTSxGPUS (default 1x8)")
     pl.add_argument("--decode-batch", dest="decode_batch", type=int, default=16, help="sequences decoded together")
     pl.add_argument("--context", type=int, default=None, help="tokens per decoded sequence (default: data.seq_len)")
     pl.add_argument("--memory-fraction", dest="memory_fraction", type=float, default=0.75,
@@ -270,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="print what each attention/projection call of a model runs, and why")
     k.add_argument("config", help="path to a YAML config, e.g. configs/demo.yaml")
     k.add_argument("overrides", nargs="*", help="section.key=value overrides or YAML files merged in order")
-    k.add_argument("--target", default=None, help="h100 | h200 | a100 | cpu (default: this machine)")
+    k.add_argument("--target", default=None, type=_gpu_target_or_cpu, help="h100 | h200 | a100 | cpu (default: this machine)")
     k.set_defaults(fn=_kernels)
     return parser
 
@@ -297,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
               "permissions, then run again (what was saved before is kept)", file=sys.stderr)
         return 74  # EX_IOERR, as CheckpointError
     except MemoryError:
-        print("jaxlm: error: out of host memory; lower the model or batch size (model.*, train.batch_size)",
+        print("jaxlm: error: out of host memory; lower the sizes this command asks for (model.*, train.batch_size, "
+              "--max-new-tokens, --num-pages)",
               file=sys.stderr)
         return 1
     except Exception as e:

@@ -368,7 +368,8 @@ def validate(cfg: Config) -> Config:
             "each microbatch must have the same size"
         )
     if t.warmup_steps > t.steps:
-        raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+        raise ConfigError(f"config key 'train.warmup_steps' must be in [0, train.steps={t.steps}], got {t.warmup_steps}; "
+                          f"set train.warmup_steps={t.steps} or less, or train more steps")
     if cfg.data.path and cfg.data.text_path:
         raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
     return cfg
@@ -376,6 +377,23 @@ def validate(cfg: Config) -> Config:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     return validate(_build(Config, data, ""))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"has key '{key}' twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(p: pathlib.Path) -> dict[str, Any]:
@@ -389,7 +407,9 @@ def _read_yaml(p: pathlib.Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
                           "save it as UTF-8 YAML") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file '{p}' {e}; keep one (YAML would silently keep the last)") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None

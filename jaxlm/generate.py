@@ -21,6 +21,7 @@ from jaxlm.cache import init_cache
 from jaxlm.config import ConfigError, DecodeConfig
 from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
+from jaxlm.metrics import memory_capacity
 from jaxlm.detokenize import decode_continuation
 from jaxlm.model import Transformer
 from sharding.mesh import fold_sequence_axis
@@ -110,6 +111,23 @@ def stop_ids(eos_token_id: int | Sequence[int] | None, stop_token_ids: Sequence[
     return tuple(sorted({int(t) for t in (*eos, *stop_token_ids)}))
 
 
+def kv_bytes_per_token(cfg) -> int:
+    """Bytes of keys and values of every layer for one token, in the compute dtype."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+
+
+def _check_cache_fits(cfg, batch: int, cache_len: int, mesh: Mesh | None) -> None:
+    """ConfigError before anything is allocated when the KV cache of ``batch`` x ``cache_len`` tokens
+    (keys and values of every layer, in the compute dtype) exceeds the devices' memory."""
+    need = batch * cache_len * kv_bytes_per_token(cfg)
+    have = memory_capacity(list(mesh.devices.flat) if mesh is not None else jax.devices()[:1])
+    if need > have:
+        raise ConfigError(
+            f"a KV cache for {batch} prompts of up to {cache_len} tokens needs {need / 2**30:.3g} GiB but the devices "
+            f"hold {have / 2**30:.3g} GiB; lower --max-new-tokens (decode.max_new_tokens) or the number of prompts"
+        )
+
+
 def generate_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -142,6 +160,7 @@ def generate_tokens(
         p = prompts[min(i, n - 1)]
         tokens[i, : len(p)] = p
     cache_len = _round_up(T + cfg.max_new_tokens, _BUCKET)
+    _check_cache_fits(model.cfg, batch, cache_len, mesh)
     args = (
         model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
         jnp.float32(cfg.temperature), jnp.int32(cfg.top_k), jnp.float32(cfg.top_p),

@@ -35,6 +35,7 @@ process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import shutil
@@ -221,11 +222,21 @@ def ptxas_path() -> str:
     return found
 
 
+MAX_GPUS_PER_HOST = 8  # an HGX H100/H200/A100 board
+MAX_GPUS = 65536  # the compile-only device list is built in host memory
+
+
 def topology_name(topology: str) -> str:
     """``"HOSTSxGPUS"`` (``"2x8"``) or XLA's ``"SLICESxHOSTSxGPUS"`` (``"1x2x8"``) -> XLA's form."""
     parts = topology.lower().split("x")
     if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"topology '{topology}' is not HOSTSxGPUS (e.g. 1x8, 2x8) or SLICESxHOSTSxGPUS")
+    sizes = [int(p) for p in parts]
+    if sizes[-1] > MAX_GPUS_PER_HOST:
+        raise ValueError(f"topology '{topology}' puts {sizes[-1]} GPUs in one host; an HGX host holds at most "
+                         f"{MAX_GPUS_PER_HOST} (write HOSTSxGPUS, e.g. {max(1, sizes[-1] // 8)}x8)")
+    if math.prod(sizes) > MAX_GPUS:
+        raise ValueError(f"topology '{topology}' has {math.prod(sizes)} GPUs; plans cover at most {MAX_GPUS}")
     return "x".join(["1", *parts] if len(parts) == 2 else parts)
 
 

@@ -60,6 +60,7 @@ def world(tmp_path_factory):
     (d / "bad.yaml").write_text("train: [1, 2\n")
     (d / "list.yaml").write_text("- 1\n- 2\n")
     (d / "afile").write_text("not a directory\n")
+    (d / "twice.yaml").write_text("model:\n  embed_dim: 64\ntrain:\n  steps: 3\nmodel:\n  num_layers: 2\n")
     (d / "not_tokenizer.json").write_text('{"hello": "world"}\n')
     (d / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
     (d / "empty_dir").mkdir()
@@ -90,6 +91,7 @@ TABLE = [
     # ---- train: arguments, config files, overrides, bounds, paths
     ("train", ["train"], 2, "the following arguments are required: config"),
     ("train", ["train", TINY, "--forse"], 2, "unrecognized arguments: --forse"),
+    ("train", ["train", "{d}/twice.yaml"], 2, "has key 'model' twice (lines 1 and 5)"),
     ("train", ["train", "{d}/missing.yaml"], 2, "does not exist"),
     ("train", ["train", "{d}/empty_dir"], 2, "is a directory, not a file"),
     ("train", ["train", "{d}/latin1.yaml"], 2, "is not UTF-8 text (byte 23 is 0xe9)"),
@@ -152,7 +154,9 @@ TABLE = [
     ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--seed", "1.5"], 2, "is not a whole number"),
     ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--step", "-3"], 2, "must be >= 0"),
     ("generate", ["generate", "--checkpoint", "{d}/missing", "--prompt", "x"], 2, "does not exist"),
-    ("generate", ["generate", "--checkpoint", "{d}/afile", "--prompt", "x"], 2, "does not exist"),
+    ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--max-new-tokens", "2000000000"], 2,
+     "lower --max-new-tokens"),
+    ("generate", ["generate", "--checkpoint", "{d}/afile", "--prompt", "x"], 2, "is a file, not a run directory"),
     ("generate", ["generate", "--checkpoint", "{d}/empty_dir", "--prompt", "x"], 2, "no checkpoint found"),
     ("generate", ["generate", "--checkpoint", "{d}/run", "--prompt", "x", "--step", "7"], 2, "checkpoint step 7 not found"),
     ("generate", ["generate", "--checkpoint", "{d}/corrupt", "--prompt", "x", "--step", "2"], 74, "checkpoint step 2 in"),
@@ -167,6 +171,14 @@ TABLE = [
     ("serve", ["serve", "{d}/run", "--max-context", "0"], 2, "must be positive"),
     ("serve", ["serve", "{d}/missing"], 2, "does not exist"),
     ("serve", ["serve", "{d}/run", "--step", "9"], 2, "checkpoint step 9 not found"),
+    ("serve", ["serve", "{d}/run", "--num-pages", "2000000000"], 2, "lower --num-pages"),
+    # ---- kernels, plan (refused while parsing: before any compile)
+    ("kernels", ["kernels"], 2, "the following arguments are required: config"),
+    ("kernels", ["kernels", TINY, "--target", "h900"], 2, "'h900' is not a target; choose one of"),
+    ("kernels", ["kernels", "{d}/missing.yaml"], 2, "does not exist"),
+    ("plan", ["plan", TINY, "--target", "v100"], 2, "'v100' is not a GPU target"),
+    ("plan", ["plan", TINY, "--topology", "1x100000000"], 2, "an HGX host holds at most 8"),
+    ("plan", ["plan", TINY, "--topology", "8"], 2, "is not HOSTSxGPUS"),
     # ---- convert
     ("convert", ["convert", "{d}/run"], 2, "the following arguments are required: dst"),
     ("convert", ["convert", "{d}/run", "{d}/hf", "--dtype", "float64"], 2, "invalid choice: 'float64'"),
@@ -224,6 +236,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(world, capsys, command, ar
     lines = err.splitlines()
     assert rc == code, err
     assert len(lines) == 1 and lines[0].startswith("jaxlm: error: "), err
+    assert not lines[0].startswith("jaxlm: error: jaxlm:"), lines[0]
     assert _expand([fragment], d)[0] in lines[0], lines[0]
     assert _fingerprint(d) == before  # no file of a previous run (or any input) changed
     assert not (d / "p").exists() and not list(d.glob(".p.tmp-*"))  # nothing half-written left behind
@@ -313,3 +326,17 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     ckpt = Checkpointer(run, create=False)
     assert ckpt.all_steps() == [2]
     ckpt.close()
+
+
+def test_a_port_in_use_is_a_serve_error():
+    import socket
+
+    from jaxlm.errors import ServeError
+    from jaxlm.serve.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            serve(object(), "127.0.0.1", port)  # refused before the engine is touched

@@ -78,6 +78,10 @@ def test_names_and_topologies():
     assert targets.topology_name("2x8") == "1x2x8" and targets.topology_name("1x1x8") == "1x1x8"
     with pytest.raises(ValueError, match="HOSTSxGPUS"):
         targets.topology_name("8")
+    with pytest.raises(ValueError, match="an HGX host holds at most 8"):  # refused before any device list is built
+        targets.topology_name("1x100000000")
+    with pytest.raises(ValueError, match="has 80000 GPUs; plans cover at most 65536"):
+        targets.topology_name("10000x8")
 
 
 def test_missing_toolchain_says_how_to_install(tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
 from jaxlm.detokenize import IncrementalDetokenizer
-from jaxlm.generate import decoding_placement, sample_logits, stop_ids
+from jaxlm.generate import decoding_placement, kv_bytes_per_token, sample_logits, stop_ids
+from jaxlm.metrics import memory_capacity
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.metrics import EngineMetrics
@@ -145,6 +146,11 @@ class Engine:
         self.prefill_batch = _round_up(prefill_batch, rows)
         self.tokenizer = tokenizer
         self.eos_token_ids = stop_ids(eos_token_id)
+        pool_bytes = num_pages * page_size * kv_bytes_per_token(model.cfg)
+        have = memory_capacity(list(mesh.devices.flat) if mesh is not None else jax.devices()[:1])
+        if pool_bytes > have:
+            raise ValueError(f"a KV pool of {num_pages} pages of {page_size} tokens needs {pool_bytes / 2**30:.3g} GiB "
+                             f"but the devices hold {have / 2**30:.3g} GiB; lower --num-pages")
         self.allocator = PageAllocator(num_pages)
         self.metrics = EngineMetrics(clock)
         self._clock = clock

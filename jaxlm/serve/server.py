@@ -29,6 +29,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from jaxlm.errors import ServeError
 from jaxlm.interop.chat import ChatTemplateError
 from jaxlm.serve.engine import Engine, Event
 from jaxlm.serve.metrics import prometheus_text
@@ -299,8 +300,12 @@ def serve(
 
     ``chat_prompt_ids(messages) -> ids`` renders chat requests (``ChatTemplate.prompt_ids``), if the model has a template.
     """
-    loop = EngineLoop(engine).start()
-    server = ThreadingHTTPServer((host, port), make_handler(loop, model_name, chat_prompt_ids))
+    loop = EngineLoop(engine)
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(loop, model_name, chat_prompt_ids))
+    except OSError as e:  # address in use, a host name that does not resolve, a port needing privileges
+        raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+    loop.start()
     server.daemon_threads = True
     if ready is not None:
         ready(server.server_address)
