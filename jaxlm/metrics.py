@@ -56,11 +56,16 @@ def device_memory_in_use() -> int | None:
 
 def memory_capacity(devices: list[jax.Device]) -> int:
     """Bytes the ``devices`` can hold together: their ``bytes_limit`` where the backend reports it,
-    else (CPU devices, which share the host's memory) the host's physical memory."""
-    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
-    if all(limits):
-        return int(sum(limits))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else (CPU devices, which share the host's memory) the host's physical memory, once per process.
+
+    Only this process's devices report statistics; the others (a multi-process mesh) are taken to
+    hold as much each as the local ones on average."""
+    local = [d for d in devices if d.process_index == jax.process_index()] or devices[:0]
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in local]
+    if local and all(limits):
+        return int(sum(limits) * len(devices) / len(local))
+    processes = len({d.process_index for d in devices}) or 1
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * processes
 
 
 def training_bytes(cfg: ModelConfig, microbatch: int, seq_len: int) -> int:

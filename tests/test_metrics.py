@@ -89,8 +89,8 @@ def test_training_writes_its_metrics_beside_the_checkpoints(tmp_path, devices, m
     from jaxlm.config import MeshConfig
     from sharding.mesh import make_mesh
 
-    train_module = sys.modules["jaxlm.train"]
-    monkeypatch.setattr(train_module, "peak_flops", lambda kind, dtype: 1e12)  # as if on a 1 TFLOP/s device
+    train_module, loop_module = sys.modules["jaxlm.train"], sys.modules["jaxlm.loop"]
+    monkeypatch.setattr(loop_module, "peak_flops", lambda kind, dtype: 1e12)  # as if on a 1 TFLOP/s device
     run = tmp_path / "run"
     cfg = tiny_config("train.steps=3", "train.warmup_steps=1", "train.eval_batches=1", f"checkpoint.dir={run}")
     result = train_module.train(cfg, mesh=make_mesh(MeshConfig(), devices[:1]), log=lambda _: None)
