@@ -349,12 +349,40 @@ class _DropCheckpointerErrorLogs(logging.Filter):
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _DropOrphanedCheckpointerTasks(logging.Filter):
+    """The sibling writes of a failed orbax save end as asyncio tasks whose error nobody retrieves
+    (the first error already ended the save); asyncio logs each when it is collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
+
+
 def _one_line_errors_only() -> None:
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _DropCheckpointerErrorLogs) for f in absl.filters):
         absl.addFilter(_DropCheckpointerErrorLogs())
+    tasks = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrphanedCheckpointerTasks) for f in tasks.filters):
+        tasks.addFilter(_DropOrphanedCheckpointerTasks())
     # an asynchronous save cut short by an error leaves coroutines that were never awaited
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    # ... and tensorstore reads or writes of that save or restore that finish after orbax closed its event
+    # loop: their done-callbacks reach sys.unraisablehook from a C++ thread (object None, so no "Exception
+    # ignored in" header) while the failure itself is already on its way to the one line
+    if not getattr(sys.unraisablehook, "_jaxlm", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _drop_closed_loop_callbacks(hook):
+    def unraisablehook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed" and unraisable.object is None:
+            return
+        hook(unraisable)
+
+    unraisablehook._jaxlm = True
+    return unraisablehook
 
 
 def _one_line(e: BaseException) -> str:

@@ -303,8 +303,6 @@ def test_as_real_processes(world, argv, code):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known defect: besides its one line, a save cut short by a full disk lets the "
-                   "checkpoint writer's threads print 'Event loop is closed' tracebacks", strict=False)
 def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     """``prlimit --fsize`` caps the size of any file the process writes (EFBIG, as a full disk
     gives ENOSPC): the first save fails; the run stops with one line and the earlier steps stay."""

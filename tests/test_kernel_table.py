@@ -146,7 +146,9 @@ def test_cli_prints_each_call_with_kernel_and_reason():
     a100 = _jaxlm("kernels", "configs/tiny.yaml", "--target", "a100")
     assert a100.returncode == 0 and "flash_mosaic" not in a100.stdout and "sm_80" in a100.stdout
     bad = _jaxlm("kernels", "configs/tiny.yaml", "--target", "v100")
-    assert bad.returncode == 2 and bad.stderr.strip() == "jaxlm: error: unknown GPU target 'v100'; choose one of h200, h100, a100"
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "jaxlm: error: jaxlm kernels: argument --target: 'v100' is not a target; choose one of h200, h100, a100, cpu; "
+        "see `jaxlm kernels --help`")
 
 
 def test_model_kernel_calls_follow_the_config():

@@ -169,8 +169,8 @@ def test_replicated_optimizer_does_not_fit_and_says_by_how_much(replicated_plan)
 @pytest.mark.slow
 def test_bad_target_and_topology_are_one_line():
     for args, message in (
-        (["--target", "v100"], "unknown GPU target 'v100'"),
-        (["--topology", "8"], "topology '8' is not HOSTSxGPUS"),
+        (["--target", "v100"], "jaxlm plan: argument --target: 'v100' is not a GPU target; choose one of h200, h100, a100"),
+        (["--topology", "8"], "jaxlm plan: argument --topology: topology '8' is not HOSTSxGPUS"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "jaxlm.cli", "plan", "configs/tiny.yaml", *args, "--no-train", "--no-decode"],
