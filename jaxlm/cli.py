@@ -194,9 +194,7 @@ def _port(text: str) -> int:
 
 def _plan(args: argparse.Namespace) -> None:
     import json
-    import os
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax loads: the CUDA plugin's "no driver" lines
     import jaxlm
     from sharding.targets import use_gpu_compile_toolchain
 

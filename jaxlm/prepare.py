@@ -72,12 +72,12 @@ def iter_documents(paths: Iterable[str], text_field: str = "text", encoding_erro
                     try:
                         text = json.loads(line)[text_field]
                     except (ValueError, KeyError, TypeError):
-                        raise ConfigError(
+                        raise DataError(
                             f"{p}:{line_no} is not a JSON object with a string field '{text_field}'; "
                             "set --text-field to the field holding the text"
                         ) from None
                     if not isinstance(text, str):
-                        raise ConfigError(f"{p}:{line_no}: field '{text_field}' is {type(text).__name__}, not a string")
+                        raise DataError(f"{p}:{line_no}: field '{text_field}' is {type(text).__name__}, not a string")
                     yield text
         else:
             raise ConfigError(f"input '{p}' is neither .txt (one document) nor .jsonl (one document per line)")

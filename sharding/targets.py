@@ -34,12 +34,14 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import pathlib
 import shutil
 import sys
+import tempfile
 from types import MappingProxyType
 from typing import Mapping
 
@@ -240,6 +242,32 @@ def topology_name(topology: str) -> str:
     return "x".join(["1", *parts] if len(parts) == 2 else parts)
 
 
+# What the CUDA plugin writes to stderr as it loads on a machine without a GPU: expected here, since
+# the plugin only compiles; every other line it writes is passed on.
+_PLUGIN_BANNER = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+                  "Could not find cuda drivers on your machine, GPU will not be used.")
+
+
+@contextlib.contextmanager
+def _without_plugin_banner():
+    """Capture file descriptor 2 (native code writes there, not to ``sys.stderr``) while the plugin
+    loads, then write back every line but the banner above."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(line.rstrip().endswith(b) for b in _PLUGIN_BANNER)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def compile_only_devices(target: str | GpuTarget, topology: str = "1x1x8") -> list:
     """Devices of ``topology`` GPUs of kind ``target`` that XLA can compile for but not run on.
 
@@ -252,9 +280,13 @@ def compile_only_devices(target: str | GpuTarget, topology: str = "1x1x8") -> li
 
     spec = get_target(target)
     try:
-        topo = topologies.get_topology_desc(
-            platform="cuda", target_config=spec.target_config(), topology=topology_name(topology)
-        )
+        with _without_plugin_banner():
+            import jax
+
+            jax.devices()  # jax starts its backends and the CUDA plugin loads (it logs as it does)
+            topo = topologies.get_topology_desc(
+                platform="cuda", target_config=spec.target_config(), topology=topology_name(topology)
+            )
     except NotImplementedError:
         raise RuntimeError(
             "the CUDA compile plugin is not registered in this process: call "

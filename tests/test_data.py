@@ -216,7 +216,7 @@ def test_prepare_data_round_trips_token_ids(tmp_path, tokenizer):
     assert [tokenizer.decode(list(stream.tokens[s : s + len(w) - 1])) for s, w in zip(stream.doc_starts, want)] == docs
     with pytest.raises(ConfigError, match="already exists"):
         prepare_data(inputs, str(tmp_path / "out"), text_field="body")
-    with pytest.raises(ConfigError, match=r"c.jsonl:1 .* field 'text'"):
+    with pytest.raises(DataError, match=r"c.jsonl:1 .* field 'text'"):
         prepare_data(inputs, str(tmp_path / "out2"))
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))  # nothing left behind
 

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch", reason="the interop tests compare against t
 transformers = pytest.importorskip("transformers", reason="the interop tests compare against transformers (pip install -e '.[interop]')")
 
 from jaxlm.config import ConfigError, DecodeConfig, MeshConfig, ModelConfig, validate, Config  # noqa: E402
+from jaxlm.errors import InteropError  # noqa: E402
 from jaxlm.generate import generate_tokens  # noqa: E402
 from jaxlm.interop import from_hf, to_hf  # noqa: E402
 from jaxlm.interop.gguf import from_gguf  # noqa: E402
@@ -215,11 +216,11 @@ def test_convert_cli_round_trip(hf_models, tmp_path):
 
 def test_unsupported_checkpoints_are_clear_errors(hf_models):
     base = _hf_config("llama", 4, 2, False, False).to_dict()
-    with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(InteropError, match="model_type 'gpt2' is not supported"):
         model_config_from_hf(dict(base, model_type="gpt2"), tie_default=True)
-    with pytest.raises(ConfigError, match="hidden_act 'gelu'"):
+    with pytest.raises(InteropError, match="hidden_act 'gelu'"):
         model_config_from_hf(dict(base, hidden_act="gelu"), tie_default=True)
-    with pytest.raises(ConfigError, match="RoPE type 'yarn'"):
+    with pytest.raises(InteropError, match="RoPE type 'yarn'"):
         model_config_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), tie_default=True)
     with pytest.raises(ConfigError, match="rope_low_freq_factor < rope_high_freq_factor"):
         validate(Config(model=ModelConfig(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)))

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, validate
+from jaxlm.errors import InteropError
 from jaxlm.interop.hf import _mesh_config
 from jaxlm.interop.layout import build_state
 from jaxlm.model import Transformer
@@ -60,7 +61,7 @@ def _reader(path: str | pathlib.Path):
     try:
         return gguf.GGUFReader(str(p))
     except (ValueError, OSError) as e:
-        raise ConfigError(f"'{p}' is not a readable GGUF file: {e}") from None
+        raise InteropError(f"'{p}' is not a readable GGUF file: {e}") from None
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -72,14 +73,14 @@ def model_config_from_gguf(reader: Any, dtype: str = "float32") -> ModelConfig:
     """The :class:`ModelConfig` described by a GGUF file's metadata."""
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise ConfigError(f"GGUF architecture '{arch}' is not supported; jaxlm reads llama and qwen2")
+        raise InteropError(f"GGUF architecture '{arch}' is not supported; jaxlm reads llama and qwen2")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names or _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise ConfigError("GGUF RoPE scaling is not supported; convert the Hugging Face checkpoint instead")
+        raise InteropError("GGUF RoPE scaling is not supported; convert the Hugging Face checkpoint instead")
     embed, heads = int(_field(reader, f"{arch}.embedding_length")), int(_field(reader, f"{arch}.attention.head_count"))
     head_dim = int(_field(reader, f"{arch}.attention.key_length", embed // heads))
     if int(_field(reader, f"{arch}.rope.dimension_count", head_dim)) != head_dim:
-        raise ConfigError("GGUF partial rotary embeddings (rope.dimension_count != head_dim) are not supported")
+        raise InteropError("GGUF partial rotary embeddings (rope.dimension_count != head_dim) are not supported")
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
     return ModelConfig(
         vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
@@ -113,7 +114,7 @@ def from_gguf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str 
     def read(name: str, slices: tuple[slice, ...]) -> np.ndarray:
         gname = hf_to_gguf[name]
         if gname not in tensors:
-            raise ConfigError(f"tensor '{gname}' is missing from the GGUF file '{path}'")
+            raise InteropError(f"tensor '{gname}' is missing from the GGUF file '{path}'")
         t = tensors[gname]
         rows = gguf.quants.dequantize(t.data[slices[0]], t.tensor_type).astype(np.float32)
         rows = rows.reshape(rows.shape[0], -1) if len(slices) == 2 else rows.reshape(-1)
@@ -131,7 +132,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         return byte_level
     if pre == "smollm":  # StarCoder-style: every digit alone, then GPT-2 byte-level splitting
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    raise ConfigError(f"GGUF tokenizer pre-tokenizer '{pre}' is not supported; jaxlm reads gpt2 and smollm")
+    raise InteropError(f"GGUF tokenizer pre-tokenizer '{pre}' is not supported; jaxlm reads gpt2 and smollm")
 
 
 def gguf_tokenizer(path: str | pathlib.Path) -> Tokenizer:
@@ -139,7 +140,7 @@ def gguf_tokenizer(path: str | pathlib.Path) -> Tokenizer:
     reader = _reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ConfigError(f"GGUF tokenizer model '{kind}' is not supported; jaxlm reads byte-level BPE (gpt2)")
+        raise InteropError(f"GGUF tokenizer model '{kind}' is not supported; jaxlm reads byte-level BPE (gpt2)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, validate
+from jaxlm.errors import InteropError
 from jaxlm.interop.layout import build_state, hf_tensor_names, to_hf_tensors
 from jaxlm.model import Transformer
 
@@ -46,7 +47,7 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
             rope_original_max_len=int(params["original_max_position_embeddings"]),
         )
     elif rope_type not in ("default", None):
-        raise ConfigError(f"RoPE type '{rope_type}' is not supported; jaxlm supports default and llama3 RoPE")
+        raise InteropError(f"RoPE type '{rope_type}' is not supported; jaxlm supports default and llama3 RoPE")
     return out
 
 
@@ -54,13 +55,13 @@ def model_config_from_hf(hf: dict[str, Any], *, tie_default: bool, dtype: str = 
     """A :class:`ModelConfig` from a Hugging Face ``config.json`` dict (Llama, Mistral or Qwen2)."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
-        raise ConfigError(f"model_type '{kind}' is not supported; jaxlm reads {', '.join(SUPPORTED)}")
+        raise InteropError(f"model_type '{kind}' is not supported; jaxlm reads {', '.join(SUPPORTED)}")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act '{hf['hidden_act']}' is not supported; jaxlm's MLP is SwiGLU (silu)")
+        raise InteropError(f"hidden_act '{hf['hidden_act']}' is not supported; jaxlm's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
-        raise ConfigError("mlp_bias=true is not supported; jaxlm's MLP has no biases")
+        raise InteropError("mlp_bias=true is not supported; jaxlm's MLP has no biases")
     if kind != "qwen2" and hf.get("attention_bias"):
-        raise ConfigError("attention_bias=true (biases on q/k/v and o) is not supported; only Qwen2's q/k/v biases are")
+        raise InteropError("attention_bias=true (biases on q/k/v and o) is not supported; only Qwen2's q/k/v biases are")
     window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
     if window:
         warnings.warn(
@@ -131,7 +132,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
-        raise ConfigError(f"'{path}' has neither model.safetensors nor model.safetensors.index.json")
+        raise InteropError(f"'{path}' has neither model.safetensors nor model.safetensors.index.json")
     with safe_open(str(single), framework="numpy") as f:
         return {name: single for name in f.keys()}
 
@@ -193,7 +194,7 @@ def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = 
 
         def read(name: str, slices: tuple[slice, ...]) -> np.ndarray:
             if name not in files:
-                raise ConfigError(f"tensor '{name}' is missing from the checkpoint in '{path}'")
+                raise InteropError(f"tensor '{name}' is missing from the checkpoint in '{path}'")
             file = files[name]
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
