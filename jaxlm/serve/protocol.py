@@ -148,6 +148,7 @@ class SamplingFields(_Body):
     min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None  # only empty: not supported
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:{id}"
 
     @model_validator(mode="after")
     def _consistent(self):

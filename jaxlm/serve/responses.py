@@ -4,7 +4,8 @@ response objects (``text_completion``, ``chat.completion``, their stream chunks,
 Choice ``i * n + j`` is choice ``j`` of prompt ``i`` (vLLM's order). ``usage`` counts each prompt
 once and every choice's tokens. Log-probabilities take OpenAI's shapes: completions
 ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, chat ``{"content": [{"token",
-"logprob", "bytes", "top_logprobs"}]}``; a token's string is its own decoding (special tokens kept).
+"logprob", "bytes", "top_logprobs"}]}``; a token's string is its own decoding (special tokens kept),
+or ``token_id:{id}`` with vLLM's ``return_tokens_as_token_ids``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def build_requests(engine: Engine, body: CompletionRequest | ChatCompletionReque
                 seed=None if body.seed is None else body.seed + j, request_id=f"{request_id}-{i * n + j}",
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                min_tokens=min(body.min_tokens or 0, max_tokens), logprobs=logprobs,
+                min_tokens=body.min_tokens or 0, logprobs=logprobs,
             ))
     return out
 
@@ -81,6 +82,8 @@ class Choices:
     # ---------------------------------------------------------------- log-probabilities
     def _token(self, token_id: int) -> str:
         tok = self.engine.tokenizer
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
         return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None, offset: int = 0) -> dict | None:

@@ -329,15 +329,20 @@ def create_app(loop: EngineLoop, model_name: str, chat_prompt_ids=None, api_key:
 
             return _EventStream(sse(), cancel_unfinished)
         try:
+            checked = time.monotonic()
             while choices.unfinished():
                 try:
                     i, item = await asyncio.wait_for(events.get(), POLL_S)
                 except TimeoutError:
+                    item = None
+                if time.monotonic() - checked >= POLL_S:  # events may never pause: check by the clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it: the requests are cancelled below
-                    if time.monotonic() > deadline:
+                    if checked > deadline:
                         raise BadRequest(f"the request did not finish within {wait_s:.0f} s", status=504,
-                                         kind="timeout") from None
+                                         kind="timeout")
+                if item is None:
                     continue
                 if isinstance(item, RequestError):
                     raise BadRequest(str(item))
