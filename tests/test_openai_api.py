@@ -277,15 +277,17 @@ def test_a_client_that_disconnects_cancels_its_request(server, http):
     with pytest.raises(httpx.ReadTimeout):  # not streaming: the client gives up after 0.5 s
         httpx.post(url + "/v1/completions", json=body, headers=http.headers, timeout=0.5)
     after = _idle(http)
-    assert after["jaxlm_kv_cache_pages_used"] == 0
-    assert after["jaxlm_decode_tokens_total"] - before["jaxlm_decode_tokens_total"] < 12 * 50 / 2
+    decoded = after["jaxlm_decode_tokens_total"] - before["jaxlm_decode_tokens_total"]
+    print(f"\ntokens decoded for a non-streaming request of 600 whose client left after 0.5 s: {decoded:.0f}")
+    assert after["jaxlm_kv_cache_pages_used"] == 0 and decoded < 12 * 50 / 2
     assert after["jaxlm_requests_finished_total"] - before["jaxlm_requests_finished_total"] < 12
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=http.headers,
                       timeout=30) as r:  # streaming: it reads one event, then goes
         assert next(r.iter_lines()).startswith("data: {")
     end = _idle(http)
-    assert end["jaxlm_kv_cache_pages_used"] == 0
-    assert end["jaxlm_decode_tokens_total"] - after["jaxlm_decode_tokens_total"] < 12 * 50 / 2
+    decoded = end["jaxlm_decode_tokens_total"] - after["jaxlm_decode_tokens_total"]
+    print(f"tokens decoded for a stream of 600 whose client left after one event: {decoded:.0f}")
+    assert end["jaxlm_kv_cache_pages_used"] == 0 and decoded < 12 * 50 / 2
 
 
 def _deep(n):
