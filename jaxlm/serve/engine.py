@@ -343,8 +343,19 @@ class Engine:
             for i, (seq, n) in enumerate(zip(seqs, fed)):
                 seq.num_cached += n
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
-                    events.append(self._append(seq, [a[row_of(i, seq)] for a in next_tokens], now))
+                    try:
+                        events.append(self._append(seq, [a[row_of(i, seq)] for a in next_tokens], now))
+                    except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
+                        events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         return events
+
+    def _fail(self, seq: _Sequence, message: str) -> Event:
+        """Drop a running request whose output could not be made; its event carries the error."""
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        if seq.slot >= 0:
+            self._slots[seq.slot], seq.slot = None, -1
+        return Event(seq.request_id, [], error=message)
 
     def _append(self, seq: _Sequence, sampled: list[np.ndarray], now: float) -> Event:
         token, lp = int(sampled[0]), None

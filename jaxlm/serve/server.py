@@ -67,7 +67,8 @@ class EngineLoop:
 
     A request's events (then its output), or the exception that failed it, go to its ``deliver``
     callback (called on the engine thread) or, without one, onto the queue :meth:`submit` returns.
-    A failure while queueing one request fails only that request.
+    A failure while queueing one request, or while making its output, fails only that request; a
+    failed step (the device call) fails the requests running in it, and the queued ones go on.
     """
 
     def __init__(self, engine: Engine):
@@ -120,12 +121,13 @@ class EngineLoop:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - a failed device step: fail the requests in flight, keep serving
+            except Exception as e:  # noqa: BLE001 - a failed step: fail the requests it ran, keep serving
                 traceback.print_exc(file=sys.stderr)
-                for rid, deliver in list(self._listeners.items()):
+                for rid in [s.request_id for s in self.engine.running]:
                     self.engine.abort(rid)
-                    deliver(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
-                self._listeners.clear()
+                    deliver = self._listeners.pop(rid, None)
+                    if deliver is not None:
+                        deliver(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
             for event in events:
                 deliver = self._listeners.get(event.request_id)
