@@ -330,6 +330,7 @@ FUZZ = [  # (name, method, path, body: bytes | JSON value, status, param)
     ("top_k float", "POST", "/v1/completions", {"prompt": "hi", "top_k": 1e30}, 400, "top_k"),
     ("n 0", "POST", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("n 10^6", "POST", "/v1/completions", {"prompt": "hi", "n": 10**6}, 400, "n"),
+    ("64 prompts x n 16", "POST", "/v1/completions", {"prompt": ["hi"] * 64, "n": 16}, 400, "n"),
     ("logprobs 21", "POST", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("presence 5", "POST", "/v1/completions", {"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
     ("frequency text", "POST", "/v1/completions", {"prompt": "hi", "frequency_penalty": "x"}, 400, "frequency_penalty"),

@@ -21,6 +21,7 @@ MAX_DEPTH = 16  # nesting of JSON objects and arrays (a chat body needs 5)
 MAX_STRING_CHARS = 2**20
 MAX_PROMPTS = 64  # prompts of one batched completion request
 MAX_N = 16  # choices per prompt
+MAX_CHOICES = 256  # choices of one request: prompts x n
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs; completions' logprobs uses it too
 MAX_STOP = 16  # stop strings
 MAX_STOP_CHARS = 256

@@ -15,7 +15,7 @@ import time
 from typing import Any, Sequence
 
 from jaxlm.serve.engine import Engine, Event
-from jaxlm.serve.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from jaxlm.serve.protocol import MAX_CHOICES, BadRequest, ChatCompletionRequest, CompletionRequest
 from jaxlm.serve.request import Output, Request, TokenLogprobs
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -26,6 +26,9 @@ def build_requests(engine: Engine, body: CompletionRequest | ChatCompletionReque
     """``n`` engine requests per prompt (text or ids), ids ``{request_id}-{k}``; choice ``j`` of a
     seeded body uses ``seed + j``. A chat body without a length limit gets the rest of the context."""
     n = body.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise BadRequest(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; at most {MAX_CHOICES} "
+                         "per request", "n")
     if chat:
         limit = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
