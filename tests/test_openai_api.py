@@ -230,7 +230,8 @@ def test_stream_include_usage_matches_the_plain_answer(client):
 
 
 def test_chat_runs_to_the_end_of_the_context_by_default(client):
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, user="someone", seed=None)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, user="someone", seed=None,
+              store=False, metadata={"team": "a"}, response_format={"type": "text"}, stop=None)  # harmless fields
     out = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
     assert out.usage.total_tokens == MAX_CONTEXT and out.choices[0].finish_reason == "length"
     assert client.chat.completions.create(**kw, max_completion_tokens=3).usage.completion_tokens <= 3
@@ -368,6 +369,11 @@ FUZZ = [  # (name, method, path, body: bytes | JSON value, status, param)
      {"messages": [{"role": "user", "content": "x"}], "logprobs": 5}, 400, "logprobs"),
     ("both limits", "POST", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2}, 400, None),
+    ("json_schema format", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format.type"),
+    ("tools", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ("tokenize both", "POST", "/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, None),
     ("detokenize past vocab", "POST", "/detokenize", {"tokens": [VOCAB]}, 400, "tokens"),
     ("unknown route", "POST", "/v1/embeddings", {"input": "x"}, 404, None),

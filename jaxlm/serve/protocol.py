@@ -195,13 +195,30 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(SamplingFields):
-    """``POST /v1/chat/completions``; without a length limit it runs until EOS or the context ends."""
+    """``POST /v1/chat/completions``; without a length limit it runs until EOS or the context ends.
+
+    OpenAI fields that change nothing here are accepted in their harmless form only: ``store``,
+    ``metadata``, ``service_tier``, ``parallel_tool_calls``, ``response_format`` ``{"type": "text"}``,
+    ``tools`` empty, ``tool_choice`` ``"none"``/``"auto"``.
+    """
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: PosInt32 | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    store: bool | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    service_tier: Annotated[str, Field(max_length=32)] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: TextFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None  # tool calls are not supported
+    tool_choice: Literal["none", "auto"] | None = None
 
     @model_validator(mode="after")
     def _lengths(self):
