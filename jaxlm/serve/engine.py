@@ -10,8 +10,11 @@ program on ``[max_batch, 1]`` (empty rows point at the scratch page), so no requ
 Pages are taken as sequences grow. When too few are free, the most recently admitted sequence
 is preempted: its pages are freed and it goes back to the front of the queue, to be computed
 again (prompt and the tokens it generated so far) once pages free up. Sampling draws token
-``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs, so its output
-does not depend on what else is in the batch, nor on preemption.
+``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs (temperature,
+top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sampling`, which also gives each token's
+log-probabilities), so its output does not depend on what else is in the batch, nor on
+preemption. A request whose output cannot be made (an exception in :meth:`Engine._append`) fails
+alone: its event carries the error and its pages are freed.
 """
 
 from __future__ import annotations
