@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", dest="prefill_chunk", type=_positive_int, default=64, help="prompt tokens per step")
     s.add_argument("--model-name", dest="model_name", default=None,
                    help="the model's name in /v1/models and responses; requests naming another get a 404")
-    s.add_argument("--api-key", dest="api_key", type=_api_key, default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (401 otherwise)")
+    s.add_argument("--api-key", dest="api_key", type=_api_key, default=os.environ.get("JAXLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (401 otherwise); "
+                        "default: $JAXLM_API_KEY (which, unlike the flag, other users cannot read in the process list)")
     s.set_defaults(fn=_serve)
     c = sub.add_parser("convert", help="Hugging Face dir or .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir")
     c.add_argument("src", help="Hugging Face model directory, .gguf file, or jaxlm checkpoint directory")
