@@ -104,7 +104,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     chat_prompt_ids = (lambda messages: template.prompt_ids(tokenizer, messages)) if template is not None else None
     serve(engine, args.host, args.port, model_name=args.model_name or args.checkpoint, ready=ready,
-          chat_prompt_ids=chat_prompt_ids)
+          chat_prompt_ids=chat_prompt_ids, api_key=args.api_key)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -137,6 +137,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         where = "" if self.prog == "jaxlm" else f"{self.prog}: "  # main() already says "jaxlm: error:"
         raise _UsageError(f"{where}{message}; see `{self.prog} --help`")
+
+
+def _api_key(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text) or not text.isprintable():
+        raise argparse.ArgumentTypeError("must be a non-empty printable string without spaces")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -262,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", dest="max_batch", type=_positive_int, default=16, help="sequences decoded together")
     s.add_argument("--max-context", dest="max_context", type=_positive_int, default=512, help="prompt + max_tokens limit")
     s.add_argument("--prefill-chunk", dest="prefill_chunk", type=_positive_int, default=64, help="prompt tokens per step")
-    s.add_argument("--model-name", dest="model_name", default=None, help="name reported in responses")
+    s.add_argument("--model-name", dest="model_name", default=None,
+                   help="the model's name in /v1/models and responses; requests naming another get a 404")
+    s.add_argument("--api-key", dest="api_key", type=_api_key, default=os.environ.get("JAXLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (401 otherwise); "
+                        "default: $JAXLM_API_KEY (which, unlike the flag, other users cannot read in the process list)")
     s.set_defaults(fn=_serve)
     c = sub.add_parser("convert", help="Hugging Face dir or .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir")
     c.add_argument("src", help="Hugging Face model directory, .gguf file, or jaxlm checkpoint directory")

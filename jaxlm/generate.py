@@ -30,14 +30,13 @@ from sharding.rules import LOGICAL_RULES, mesh_axis_size
 _BUCKET = 16  # prompt and cache lengths are rounded up to this, to reuse compiled programs
 
 
-def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Next tokens ``[batch]`` int32. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """float32 logits ``[batch, vocab]`` divided by ``temperature`` (floored at 1e-6), the tokens
+    outside top-k and top-p set to -inf: the distribution :func:`sample_logits` draws from.
 
-    All three knobs may be traced scalars, so one compiled program serves every setting.
-    Ties at the top-k or top-p threshold are kept.
+    top_k 0 and top_p 1 disable those filters; ties at either threshold are kept.
     """
     logits = logits_BxV.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     vocab = logits.shape[-1]
     desc = -jnp.sort(-scaled, axis=-1)
@@ -48,8 +47,17 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
     keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
     threshold = jnp.take_along_axis(desc, keep - 1, axis=-1)
-    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
-    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next tokens ``[batch]`` int32. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    All three knobs may be traced scalars, so one compiled program serves every setting.
+    Ties at the top-k or top-p threshold are kept.
+    """
+    greedy = jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(rng, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
     return jnp.where(temperature == 0, greedy, sampled)
 
 

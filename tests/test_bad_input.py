@@ -172,6 +172,8 @@ TABLE = [
     ("serve", ["serve", "{d}/missing"], 2, "does not exist"),
     ("serve", ["serve", "{d}/run", "--step", "9"], 2, "checkpoint step 9 not found"),
     ("serve", ["serve", "{d}/run", "--num-pages", "2000000000"], 2, "lower --num-pages"),
+    ("serve", ["serve", "{d}/run", "--api-key", ""], 2, "must be a non-empty printable string without spaces"),
+    ("serve", ["serve", "{d}/run", "--api-key", "two words"], 2, "must be a non-empty printable string without spaces"),
     # ---- kernels, plan (refused while parsing: before any compile)
     ("kernels", ["kernels"], 2, "the following arguments are required: config"),
     ("kernels", ["kernels", TINY, "--target", "h900"], 2, "'h900' is not a target; choose one of"),

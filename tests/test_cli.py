@@ -45,3 +45,13 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_rules_prints_the_table():
     r = _jaxlm("rules")
     assert r.returncode == 0 and "embed" in r.stdout and "fsdp" in r.stdout
+
+
+def test_serve_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    from jaxlm.cli import build_parser
+
+    monkeypatch.delenv("JAXLM_API_KEY", raising=False)
+    assert build_parser().parse_args(["serve", "run"]).api_key is None
+    monkeypatch.setenv("JAXLM_API_KEY", "sk-env")
+    assert build_parser().parse_args(["serve", "run"]).api_key == "sk-env"
+    assert build_parser().parse_args(["serve", "run", "--api-key", "sk-flag"]).api_key == "sk-flag"

@@ -226,3 +226,41 @@ def test_abort_frees_the_pages_of_a_running_request(engine, prompts):
     assert engine.pages_in_use()[a] and engine.abort(a) and a not in engine.pages_in_use()
     assert engine.abort(b) and not engine.abort(b) and not engine.has_work()
     assert engine.allocator.num_used == 0
+
+
+def test_penalties_and_logprobs_survive_preemption_and_a_huge_top_k_disables_only_itself(engine, small_engine, prompts):
+    probe = Request(prompts[2], max_tokens=10, temperature=0.8, top_k=50, seed=3, presence_penalty=0.7,
+                    frequency_penalty=1.1, min_tokens=4, logprobs=3)
+    alone = engine.generate([probe])[0]
+    company = [Request(p, max_tokens=m, temperature=1.0, seed=i) for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    squeezed = _run_staggered(small_engine, [company[3], company[1], probe, company[2]], [0, 0, 1, 1])
+    assert squeezed[2].token_ids == alone.token_ids and small_engine.stats()["preemptions_total"] > 0
+    assert len(alone.logprobs) == len(alone.token_ids) and all(len(lp.top) == 3 for lp in alone.logprobs)
+    np.testing.assert_allclose([lp.logprob for lp in squeezed[2].logprobs], [lp.logprob for lp in alone.logprobs],
+                               atol=1e-5)
+    # top_k past the int32 range used to overflow the step's arrays and fail the whole batch; it is
+    # above the vocabulary, so it means "no top-k", for that request alone
+    huge = Request(prompts[4], max_tokens=6, temperature=1.0, top_k=2**40, seed=9)
+    outs = engine.generate([huge, company[0], dataclasses.replace(huge, top_k=0)])
+    assert outs[0].token_ids == outs[2].token_ids and len(outs[1].token_ids) == MAX_TOKENS[0]
+    assert engine.allocator.num_used == 0
+
+
+def test_a_request_whose_output_fails_fails_alone(engine, prompts, reference):
+    class Broken(frozenset):
+        def __contains__(self, token):
+            raise RuntimeError("broken stop set")
+
+    good = engine.add_request(Request(prompts[0], max_tokens=MAX_TOKENS[0], temperature=0.0))
+    bad = engine.add_request(Request(prompts[1], max_tokens=5, temperature=0.0))
+    next(s for s in engine._waiting if s.request_id == bad).stop_ids = Broken()
+    errors, outputs = {}, {}
+    while engine.has_work():
+        for e in engine.step():
+            if e.error is not None:
+                errors[e.request_id] = e.error
+            if e.output is not None:
+                outputs[e.request_id] = e.output
+    assert errors == {bad: "RuntimeError: broken stop set"}
+    assert list(outputs) == [good] and outputs[good].token_ids == reference[0]
+    assert engine.allocator.num_used == 0

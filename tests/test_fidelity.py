@@ -16,12 +16,10 @@ from __future__ import annotations
 import io
 import json
 import pathlib
-import threading
 import urllib.error
 import urllib.request
 import warnings
 from contextlib import redirect_stdout
-from http.server import ThreadingHTTPServer
 
 import jax
 import numpy as np
@@ -277,19 +275,13 @@ def test_the_engine_stops_at_the_eos_set_and_decodes_against_the_prompt(hf_dir, 
 @pytest.fixture(scope="module")
 def server(hf_dir, engine):
     """An HTTP server in this process over the engine (Llama 2 chat template, the EOS set)."""
-    from jaxlm.serve.server import EngineLoop, make_handler
+    from jaxlm.serve.server import running_server
 
     path = hf_dir[0]
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     template = ChatTemplate(LLAMA2, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    loop = EngineLoop(engine).start()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(loop, "tiny", lambda m: template.prompt_ids(tok, m)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", engine
-    httpd.shutdown()
-    httpd.server_close()
-    loop.stop()
+    with running_server(engine, "tiny", lambda m: template.prompt_ids(tok, m)) as url:
+        yield url, engine
 
 
 def _post(url, path, body):
@@ -315,7 +307,7 @@ def test_both_endpoints_stop_at_the_eos_set_with_the_same_text_streamed_or_not(h
     text = _reference_continuation(fast, prompt_ids, expected)
     body = {"prompt": "hello world", "max_tokens": 12, "temperature": 0}
     status, plain = _post(url, "/v1/completions", body)
-    assert status == 200 and json.loads(plain)["choices"][0] == {"index": 0, "finish_reason": "stop", "text": text}
+    assert status == 200 and json.loads(plain)["choices"][0] == {"index": 0, "finish_reason": "stop", "text": text, "logprobs": None}
     status, streamed = _post(url, "/v1/completions", {**body, "stream": True})
     assert status == 200 and _streamed(streamed) == (text, "stop")
     status, ignored = _post(url, "/v1/completions", {**body, "ignore_eos": True, "stop_token_ids": [expected[1]]})

@@ -2,7 +2,9 @@
 
 from jaxlm.serve.allocator import OutOfPages, PageAllocator
 from jaxlm.serve.engine import Engine, Event
-from jaxlm.serve.metrics import EngineMetrics, prometheus_text
-from jaxlm.serve.request import Output, Request, RequestError
+from jaxlm.serve.exporter import EngineCollector
+from jaxlm.serve.metrics import EngineMetrics
+from jaxlm.serve.request import Output, Request, RequestError, TokenLogprobs
 
-__all__ = ["Engine", "EngineMetrics", "Event", "OutOfPages", "Output", "PageAllocator", "Request", "RequestError", "prometheus_text"]
+__all__ = ["Engine", "EngineCollector", "EngineMetrics", "Event", "OutOfPages", "Output", "PageAllocator", "Request",
+           "RequestError", "TokenLogprobs"]

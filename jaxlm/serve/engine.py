@@ -10,8 +10,11 @@ program on ``[max_batch, 1]`` (empty rows point at the scratch page), so no requ
 Pages are taken as sequences grow. When too few are free, the most recently admitted sequence
 is preempted: its pages are freed and it goes back to the front of the queue, to be computed
 again (prompt and the tokens it generated so far) once pages free up. Sampling draws token
-``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs, so its output
-does not depend on what else is in the batch, nor on preemption.
+``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs (temperature,
+top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sampling`, which also gives each token's
+log-probabilities), so its output does not depend on what else is in the batch, nor on
+preemption. A request whose output cannot be made (an exception in :meth:`Engine._append`) fails
+alone: its event carries the error and its pages are freed.
 """
 
 from __future__ import annotations
@@ -32,30 +35,31 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
 from jaxlm.detokenize import IncrementalDetokenizer
-from jaxlm.generate import decoding_placement, kv_bytes_per_token, sample_logits, stop_ids
+from jaxlm.generate import decoding_placement, kv_bytes_per_token, stop_ids
 from jaxlm.metrics import memory_capacity
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.metrics import EngineMetrics
-from jaxlm.serve.request import Output, Request, RequestError
+from jaxlm.serve.request import MAX_STOP_TOKEN_IDS, Output, Request, RequestError, TokenLogprobs
+from jaxlm.serve.sampling import SamplingRows, knobs, sample_rows
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
 def _forward_and_sample(graphdef, state, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP, last_B,
-                        seeds_B, counters_B, temperature_B, top_k_B, top_p_B):
-    """One model call over the paged cache, then each row samples from its token ``last_B``.
+                        seeds_B, counters_B, *sampling):
+    """One model call over the paged cache, then each row samples from its token ``last_B``
+    (:func:`jaxlm.serve.sampling.sample_rows`, ``sampling`` its remaining arguments).
 
-    Returns (next token ids ``[B]`` int32, k pool, v pool).
+    Returns ((next ids ``[B]``, their log-probabilities, top ids ``[B, K]``, top log-probabilities), k pool, v pool).
     """
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_BxT, positions_BxT, PagedKVCache(k_pool, v_pool, page_table_BxP))
     last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counters_B)
-    one = lambda lg, key, t, k, p: sample_logits(lg[None], key, t, k, p)[0]  # noqa: E731
-    next_B = jax.vmap(one)(last_BxV, keys, temperature_B, top_k_B, top_p_B)
+    sampled = sample_rows(last_BxV, keys, *sampling)
     k, v = cache.layer_stack()[0]
-    return next_B, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
+    return sampled, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
 
 
 @dataclasses.dataclass
@@ -68,6 +72,8 @@ class Event:
     new_token_ids: list[int]
     output: Output | None = None
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None  # for new_token_ids, when the request asked
+    error: str | None = None  # the request failed (it holds no pages any more); output stays None
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,6 +86,7 @@ class _Sequence:
     arrival: float
     stop_ids: frozenset[int]  # ids that end it: the engine's EOS set (unless ignore_eos) + stop_token_ids
     detok: IncrementalDetokenizer | None  # its text, decoded against the prompt
+    knobs: tuple  # sampling knobs in the step's dtypes (jaxlm.serve.sampling.knobs)
     sent: int = 0  # characters of the text already handed out in events
     num_cached: int = 0  # tokens whose keys/values are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -88,6 +95,7 @@ class _Sequence:
     preemptions: int = 0
     first_token_s: float | None = None
     last_token_s: float | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def generated(self) -> list[int]:
@@ -182,6 +190,8 @@ class Engine:
                 raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if request.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this engine has none")
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"{len(request.stop_token_ids)} stop token ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
         bad = [t for t in request.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -202,7 +212,10 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         stop = frozenset(stop_ids(self.eos_token_ids, request.stop_token_ids, request.ignore_eos))
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        self._waiting.append(_Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock(), stop, detok))
+        seq = _Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock(), stop, detok,
+                        knobs(request, self.cfg.vocab_size))
+        seq.logprobs = [] if request.logprobs is not None else None
+        self._waiting.append(seq)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -287,30 +300,28 @@ class Engine:
         return [s for s in prefill if s.slot >= 0], [s for s in decode if s.slot >= 0]
 
     # ---------------------------------------------------------------- running
-    def _call(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> np.ndarray:
+    def _call(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> tuple[np.ndarray, ...]:
         tokens = np.zeros((rows, width), np.int32)
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
         table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
         last = np.zeros((rows,), np.int32)
-        seeds, counters, top_k = (np.zeros((rows,), np.int32) for _ in range(3))
-        temperature, top_p = np.zeros((rows,), np.float32), np.ones((rows,), np.float32)
+        sampling = SamplingRows(rows, self.max_context, len(self.eos_token_ids) + MAX_STOP_TOKEN_IDS)
         for i, seq in enumerate(seqs):
             r, n, start = row_of(i, seq), min(seq.remaining, width), seq.num_cached
             tokens[r, :n] = seq.tokens[start:start + n]
             positions[r] += start
             table[r, : len(seq.pages)] = seq.pages
             last[r] = n - 1
-            seeds[r], counters[r] = seq.seed, len(seq.generated)
-            q = seq.request
-            temperature[r], top_k[r], top_p[r] = q.temperature, q.top_k, q.top_p
+            banned = seq.stop_ids if len(seq.generated) < seq.request.min_tokens else ()
+            sampling.set(r, seq.seed, seq.generated, seq.knobs, banned)
         args = (self._graphdef, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
-            tokens, positions, table, last, seeds, counters, temperature, top_k, top_p)))
+            tokens, positions, table, last, *sampling.arrays())))
         if self.mesh is None:
             out, self._k_pool, self._v_pool = _forward_and_sample(*args)
         else:
             with jax.set_mesh(self.mesh):
                 out, self._k_pool, self._v_pool = _forward_and_sample(*args)
-        return np.asarray(jax.device_get(out))
+        return tuple(np.asarray(a) for a in jax.device_get(out))
 
     def warmup(self) -> None:
         """Compile the prefill and decode programs (their rows all point at the scratch page)."""
@@ -335,10 +346,26 @@ class Engine:
             for i, (seq, n) in enumerate(zip(seqs, fed)):
                 seq.num_cached += n
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
-                    events.append(self._append(seq, int(next_tokens[row_of(i, seq)]), now))
+                    try:
+                        events.append(self._append(seq, [a[row_of(i, seq)] for a in next_tokens], now))
+                    except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
+                        events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         return events
 
-    def _append(self, seq: _Sequence, token: int, now: float) -> Event:
+    def _fail(self, seq: _Sequence, message: str) -> Event:
+        """Drop a running request whose output could not be made; its event carries the error."""
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        if seq.slot >= 0:
+            self._slots[seq.slot], seq.slot = None, -1
+        return Event(seq.request_id, [], error=message)
+
+    def _append(self, seq: _Sequence, sampled: list[np.ndarray], now: float) -> Event:
+        token, lp = int(sampled[0]), None
+        if seq.logprobs is not None:
+            lp = TokenLogprobs(float(sampled[1]), tuple(zip(sampled[2][: seq.request.logprobs].tolist(),
+                                                             sampled[3][: seq.request.logprobs].tolist())))
+            seq.logprobs.append(lp)
         seq.tokens.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = now - seq.arrival
@@ -352,7 +379,8 @@ class Engine:
         elif seq.detok is not None:
             seq.detok.push([token])
         text = seq.detok.text if seq.detok is not None else ""
-        if reason is None and seq.request.stop:  # a stop string can only begin in text not yet sent
+        early = len(seq.generated) < seq.request.min_tokens  # no stop string before min_tokens
+        if reason is None and seq.request.stop and not early:  # a stop string can only begin in text not yet sent
             hits = [i for i in (text.find(s, seq.sent) for s in seq.request.stop) if i >= 0]
             if hits:
                 reason, end = "stop", min(hits)
@@ -364,16 +392,16 @@ class Engine:
         end = len(text) if end is None else end
         delta, seq.sent = text[seq.sent:end], max(seq.sent, end)
         if reason is None:
-            return Event(seq.request_id, [token], text=delta)
+            return Event(seq.request_id, [token], text=delta, logprobs=None if lp is None else [lp])
         self.allocator.free(seq.pages)
         seq.pages = []
         self._slots[seq.slot], seq.slot = None, -1
         self.metrics.record_finished()
         out = Output(
             seq.request_id, seq.prompt_ids, seq.generated, text[:end] if seq.detok is not None else None, reason,
-            seq.preemptions, seq.first_token_s,
+            seq.preemptions, seq.first_token_s, seq.logprobs,
         )
-        return Event(seq.request_id, [token], out, delta)
+        return Event(seq.request_id, [token], out, delta, None if lp is None else [lp])
 
     # ---------------------------------------------------------------- convenience loops
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[str, list[int]]]:

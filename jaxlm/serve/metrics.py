@@ -1,4 +1,4 @@
-"""Serving load metrics, and their Prometheus text rendering.
+"""Serving load metrics, and the kinds and help texts of their Prometheus names (:mod:`.exporter`).
 
 The engine records events here (tokens computed, first tokens, preemptions); gauges (KV-cache
 use, batch size, queue length) are read from the engine when a snapshot is taken. Rates are
@@ -115,16 +115,3 @@ _SUMMARIES = {
     "inter_token_latency_seconds": "time between consecutive tokens of one request",
 }
 
-
-def prometheus_text(values: dict[str, float], prefix: str = "jaxlm_") -> str:
-    """Prometheus text exposition (version 0.0.4) of an engine snapshot."""
-    lines = []
-    for name, (kind, help_) in _HELP.items():
-        if name in values:
-            lines += [f"# HELP {prefix}{name} {help_}", f"# TYPE {prefix}{name} {kind}", f"{prefix}{name} {values[name]:g}"]
-    for name, help_ in _SUMMARIES.items():
-        lines += [f"# HELP {prefix}{name} {help_}", f"# TYPE {prefix}{name} summary"]
-        for q in (50, 99):
-            lines.append(f'{prefix}{name}{{quantile="0.{q}"}} {values[f"{name}_p{q}"]:g}')
-        lines += [f"{prefix}{name}_sum {values[f'{name}_sum']:g}", f"{prefix}{name}_count {values[f'{name}_count']:g}"]
-    return "\n".join(lines) + "\n"

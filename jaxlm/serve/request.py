@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
+
+
+MAX_LOGPROBS = 20  # top alternatives a request may ask for per token
+MAX_STOP_TOKEN_IDS = 64  # stop_token_ids of one request
 
 
 class RequestError(ValueError):
@@ -17,8 +22,16 @@ class Request:
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Generation stops after
     ``max_tokens`` new tokens, at any id of the engine's EOS set (unless ``ignore_eos``) or of
     ``stop_token_ids`` (kept in ``token_ids``, left out of the text), or once the text contains one
-    of ``stop`` (the text is cut before it). ``seed`` fixes the sampling: the
+    of ``stop`` (the text is cut before it); not before ``min_tokens`` new tokens (the stop ids are
+    masked out until then, as vLLM's ``min_tokens``). ``seed`` fixes the sampling: the
     same request with the same seed gives the same tokens whatever else the engine is running.
+
+    ``presence_penalty`` and ``frequency_penalty`` (each in [-2, 2]) lower the logit of token ``j``
+    by ``c[j] * frequency_penalty + (c[j] > 0) * presence_penalty``, ``c[j]`` being how often ``j``
+    was generated so far (OpenAI's formula: platform.openai.com/docs/advanced-usage, "Frequency and
+    presence penalties"), before temperature. ``logprobs`` (None or 0..20) asks for each new token's
+    log-probability and that many top alternatives, of the distribution the token was drawn from
+    (see :class:`TokenLogprobs`).
     """
 
     prompt: str | Sequence[int]
@@ -31,12 +44,16 @@ class Request:
     request_id: str | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -50,11 +67,33 @@ class Request:
             raise RequestError("stop_token_ids must be a list of token ids (integers)")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if isinstance(self.prompt, str):
             if not self.prompt:
                 raise RequestError("prompt must not be empty")
         elif not self.prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.prompt):
             raise RequestError("prompt must be a non-empty string or a non-empty list of token ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the ``top`` most likely ids with theirs (best first).
+
+    The distribution is the one the token was sampled from ("processed" in vLLM's terms,
+    ``--logprobs-mode processed_logprobs``): the model's logits after the penalties, divided by the
+    temperature (1 for greedy requests), with the tokens top-k/top-p removed at -inf, then
+    log-softmax. JSON has no -inf: a removed token's log-probability is reported as -9999.0.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass
@@ -68,3 +107,4 @@ class Output:
     finish_reason: str  # "stop" (an EOS or stop token, or a stop string) | "length" (max_tokens)
     preemptions: int = 0
     time_to_first_token_s: float = 0.0
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when the request asked
