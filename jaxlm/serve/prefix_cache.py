@@ -1,0 +1,95 @@
+"""Prefix caching: content hashes of full KV pages, and a host-memory tier for evicted pages.
+
+A full page's hash chains the hash of everything before it with the page's own token ids and the
+engine's ``extra_key`` (whatever else changes the keys and values: model id, adapter id):
+
+    h_0 = sha256(b"jaxlm-kv" | extra_key),   h_{i+1} = sha256(h_i | token ids of page i as int64)
+
+so equal hashes mean equal tokens at equal positions under equal weights, i.e. equal KV. The
+same scheme as vLLM's v1 prefix caching (``hash_block_tokens(parent_hash, block_tokens,
+extra_keys)``), with a cryptographic hash so that a collision is not a practical concern.
+
+:class:`HostTier` keeps copies of evicted pages in host memory (numpy arrays ``[layers, page_size,
+kv_heads, head_dim]``), at most ``capacity`` pages, least recently used dropped first.
+:func:`gather_pages` / :func:`scatter_pages` move pages between the device pools and the host,
+compiled once for a fixed number of pages per call (unused slots name the scratch page).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+from typing import Sequence
+
+import jax
+import numpy as np
+
+ROOT_TAG = b"jaxlm-kv"
+
+
+def root_hash(extra_key: str = "") -> bytes:
+    """The hash every chain starts from: distinct ``extra_key`` (model, adapter) -> disjoint caches."""
+    return hashlib.sha256(ROOT_TAG + extra_key.encode()).digest()
+
+
+def page_hashes(token_ids: Sequence[int], page_size: int, extra_key: str = "", known: Sequence[bytes] = ()) -> list[bytes]:
+    """Hashes of every full page of ``token_ids`` (``len // page_size`` of them), chained from
+    :func:`root_hash`. ``known``: hashes of the first pages already computed for these tokens
+    (reused, not recomputed)."""
+    out = list(known[: len(token_ids) // page_size])
+    parent = out[-1] if out else root_hash(extra_key)
+    for i in range(len(out), len(token_ids) // page_size):
+        page = np.asarray(token_ids[i * page_size:(i + 1) * page_size], np.int64)
+        parent = hashlib.sha256(parent + page.tobytes()).digest()
+        out.append(parent)
+    return out
+
+
+class HostTier:
+    """Copies of evicted KV pages in host memory, by page hash; at most ``capacity`` pages (LRU)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 0:
+            raise ValueError(f"host tier capacity must be >= 0 pages, got {capacity}")
+        self.capacity = capacity
+        self._pages: collections.OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self.stored = 0  # pages copied in
+        self.dropped = 0  # pages dropped to make room
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        return page_hash in self._pages
+
+    def put(self, page_hash: bytes, k: np.ndarray, v: np.ndarray) -> None:
+        """Keep one page's keys and values ``[layers, page_size, kv_heads, head_dim]`` (a no-op at capacity 0)."""
+        if not self.capacity:
+            return
+        if page_hash in self._pages:
+            self._pages.move_to_end(page_hash)
+            return
+        self._pages[page_hash] = (k, v)
+        self.stored += 1
+        while len(self._pages) > self.capacity:
+            self._pages.popitem(last=False)
+            self.dropped += 1
+
+    def get(self, page_hash: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """A kept page's (k, v); it becomes the most recently used. KeyError if not kept."""
+        self._pages.move_to_end(page_hash)
+        return self._pages[page_hash]
+
+
+@functools.partial(jax.jit, static_argnums=())
+def gather_pages(k_pool, v_pool, pages_W):
+    """Pages ``pages_W`` (int32 ``[W]``) of both pools: two ``[layers, W, page_size, kv_heads, head_dim]``."""
+    return k_pool[:, pages_W], v_pool[:, pages_W]
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def scatter_pages(k_pool, v_pool, pages_W, k_LxWxPxKxD, v_LxWxPxKxD):
+    """The pools with pages ``pages_W`` overwritten (slots naming the scratch page write there)."""
+    return (k_pool.at[:, pages_W].set(k_LxWxPxKxD.astype(k_pool.dtype)),
+            v_pool.at[:, pages_W].set(v_LxWxPxKxD.astype(v_pool.dtype)))
