@@ -172,6 +172,9 @@ TABLE = [
     ("serve", ["serve", "{d}/missing"], 2, "does not exist"),
     ("serve", ["serve", "{d}/run", "--step", "9"], 2, "checkpoint step 9 not found"),
     ("serve", ["serve", "{d}/run", "--num-pages", "2000000000"], 2, "lower --num-pages"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "lots"], 2, "'lots' is not a number"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "-1"], 2, "must be a finite number >= 0"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "1e9"], 2, "lower --host-kv-gib"),
     # ---- kernels, plan (refused while parsing: before any compile)
     ("kernels", ["kernels"], 2, "the following arguments are required: config"),
     ("kernels", ["kernels", TINY, "--target", "h900"], 2, "'h900' is not a target; choose one of"),

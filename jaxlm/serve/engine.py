@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import os
 import secrets
 import time
 from typing import Iterable, Iterator, Sequence
@@ -155,8 +156,12 @@ class Engine:
                             ("prefill_batch", prefill_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if not host_kv_gib >= 0:
-            raise ValueError(f"host_kv_gib must be >= 0, got {host_kv_gib}")
+        if not 0 <= host_kv_gib < float("inf"):
+            raise ValueError(f"host_kv_gib must be a finite number >= 0, got {host_kv_gib}")
+        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if host_kv_gib * 2**30 > host_bytes:
+            raise ValueError(f"host_kv_gib={host_kv_gib:g} exceeds this machine's {host_bytes / 2**30:.3g} GiB of memory; "
+                             f"lower --host-kv-gib")
         model, mesh = decoding_placement(model, mesh)
         self.mesh = mesh
         rows = 1 if mesh is None else mesh_axis_size(mesh, LOGICAL_RULES["batch"])
