@@ -283,6 +283,7 @@ def test_host_tier_brings_evicted_pages_back(model):
     assert _converse(device_only, system, plan) == _converse(host, system, plan) == _converse(slow_link, system, plan) == off
     s, d, slow = host.stats(), device_only.stats(), slow_link.stats()
     assert s["kv_host_pages_total"] == 64 and s["kv_host_stored_pages_total"] > 0
+    assert {k.sharding.memory_kind for k, _ in host.host._pages.values()} == {"pinned_host"}
     assert s["kv_host_loaded_pages_total"] > 0 and s["prefix_cache_host_hits_total"] == s["kv_host_loaded_pages_total"] * PAGE
     assert s["prefix_cache_hits_total"] > d["prefix_cache_hits_total"]
     assert s["prefill_tokens_total"] < d["prefill_tokens_total"]

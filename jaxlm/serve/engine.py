@@ -44,7 +44,7 @@ from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.costs import call_flops_and_bytes, device_rates, load_beats_recompute
 from jaxlm.serve.metrics import EngineMetrics
-from jaxlm.serve.prefix_cache import HostTier, gather_pages, page_hashes, scatter_pages
+from jaxlm.serve.prefix_cache import HostTier, gather_pages, page_hashes, scatter_pages, to_device, to_host
 from jaxlm.serve.request import Output, Request, RequestError
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
@@ -195,6 +195,8 @@ class Engine:
         if mesh is not None:
             sharding = NamedSharding(mesh, logical_spec(PAGED_CACHE_AXES))
             k, v = jax.device_put(k, sharding), jax.device_put(v, sharding)
+        else:  # committed from the start, as the page copies leave them: one compiled program per shape
+            k, v = jax.device_put(k, device), jax.device_put(v, device)
         self._k_pool, self._v_pool = k, v
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * self.max_batch
@@ -345,31 +347,31 @@ class Engine:
 
     def _offload(self, pages: list[int], hashes: list[bytes]) -> None:
         """Copy evicted pages to the host tier (called by the allocator before it reuses them)."""
-        todo = [(p, h) for p, h in zip(pages, hashes) if h not in self.host]
-        for page, h in zip(pages, hashes):
+        for h in hashes:
             if h in self.host:
-                self.host.get(h)  # already kept: now the most recently used
+                self.host.get(h)  # kept already: now the most recently used
+        todo = [(p, h) for p, h in zip(pages, hashes) if h not in self.host]
         W = self.pages_per_seq
         for at in range(0, len(todo), W):
             part = todo[at:at + W]
             idx = np.full((W,), SCRATCH_PAGE, np.int32)
             idx[: len(part)] = [p for p, _ in part]
-            k, v = jax.device_get(self._on_mesh(gather_pages, self._k_pool, self._v_pool, jnp.asarray(idx)))
-            for j, (_, h) in enumerate(part):
-                self.host.put(h, np.array(k[:, j]), np.array(v[:, j]))
+            ks, vs = self._on_mesh(gather_pages, self._k_pool, self._v_pool, jnp.asarray(idx))
+            for (_, h), k, v in zip(part, ks, vs):
+                self.host.put(h, to_host(k), to_host(v))
 
-    def _load(self, pages: list[int], ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
+    def _load(self, pages: list[int], ks: list[jax.Array], vs: list[jax.Array]) -> None:
         """Copy host-tier pages into ``pages`` of the device pools."""
         W = self.pages_per_seq
         for at in range(0, len(pages), W):
             part = pages[at:at + W]
             idx = np.full((W,), SCRATCH_PAGE, np.int32)
             idx[: len(part)] = part
-            shape = (ks[0].shape[0], W, *ks[0].shape[1:])
-            k, v = np.zeros(shape, ks[0].dtype), np.zeros(shape, vs[0].dtype)
-            k[:, : len(part)] = np.stack(ks[at:at + W], 1)
-            v[:, : len(part)] = np.stack(vs[at:at + W], 1)
-            self._k_pool, self._v_pool = self._on_mesh(scatter_pages, self._k_pool, self._v_pool, *map(jnp.asarray, (idx, k, v)))
+            k = [to_device(x) for x in ks[at:at + W]]
+            v = [to_device(x) for x in vs[at:at + W]]
+            pad = W - len(part)  # the scratch page's slots get copies of the first page
+            self._k_pool, self._v_pool = self._on_mesh(scatter_pages, self._k_pool, self._v_pool, jnp.asarray(idx),
+                                                       tuple(k + k[:1] * pad), tuple(v + v[:1] * pad))
             self.metrics.record_host_load(len(part))
 
     def _on_mesh(self, fn, *args):
@@ -441,9 +443,16 @@ class Engine:
         return np.asarray(jax.device_get(out))
 
     def warmup(self) -> None:
-        """Compile the prefill and decode programs (their rows all point at the scratch page)."""
+        """Compile the prefill and decode programs (their rows all point at the scratch page), and
+        with a host tier the page copies (of the scratch page onto itself)."""
         self._call([], self.prefill_batch, self.prefill_chunk, None)
         self._call([], self.max_batch, 1, None)
+        if self.host.capacity:
+            idx = jnp.full((self.pages_per_seq,), SCRATCH_PAGE, jnp.int32)
+            ks, vs = self._on_mesh(gather_pages, self._k_pool, self._v_pool, idx)
+            self._k_pool, self._v_pool = self._on_mesh(
+                scatter_pages, self._k_pool, self._v_pool, idx, tuple(to_device(to_host(k)) for k in ks),
+                tuple(to_device(to_host(v)) for v in vs))
 
     def step(self) -> list[Event]:
         """Admit, prefill one chunk, decode one token; returns what each touched request produced."""

@@ -9,10 +9,11 @@ so equal hashes mean equal tokens at equal positions under equal weights, i.e. e
 same scheme as vLLM's v1 prefix caching (``hash_block_tokens(parent_hash, block_tokens,
 extra_keys)``), with a cryptographic hash so that a collision is not a practical concern.
 
-:class:`HostTier` keeps copies of evicted pages in host memory (numpy arrays ``[layers, page_size,
-kv_heads, head_dim]``), at most ``capacity`` pages, least recently used dropped first.
-:func:`gather_pages` / :func:`scatter_pages` move pages between the device pools and the host,
-compiled once for a fixed number of pages per call (unused slots name the scratch page).
+:class:`HostTier` keeps copies of evicted pages in host memory (arrays ``[layers, page_size,
+kv_heads, head_dim]`` in jax's ``pinned_host`` memory kind, so a GPU copies them by DMA), at most
+``capacity`` pages, least recently used dropped first. :func:`gather_pages` / :func:`scatter_pages`
+cut pages out of the device pools and write them back, compiled once for a fixed number of pages
+per call (unused slots name the scratch page); :func:`to_host` / :func:`to_device` move them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class HostTier:
         if capacity < 0:
             raise ValueError(f"host tier capacity must be >= 0 pages, got {capacity}")
         self.capacity = capacity
-        self._pages: collections.OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._pages: collections.OrderedDict[bytes, tuple[jax.Array, jax.Array]] = collections.OrderedDict()
         self.stored = 0  # pages copied in
         self.dropped = 0  # pages dropped to make room
 
@@ -63,7 +64,7 @@ class HostTier:
     def __contains__(self, page_hash: bytes) -> bool:
         return page_hash in self._pages
 
-    def put(self, page_hash: bytes, k: np.ndarray, v: np.ndarray) -> None:
+    def put(self, page_hash: bytes, k: jax.Array, v: jax.Array) -> None:
         """Keep one page's keys and values ``[layers, page_size, kv_heads, head_dim]`` (a no-op at capacity 0)."""
         if not self.capacity:
             return
@@ -76,20 +77,34 @@ class HostTier:
             self._pages.popitem(last=False)
             self.dropped += 1
 
-    def get(self, page_hash: bytes) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, page_hash: bytes) -> tuple[jax.Array, jax.Array]:
         """A kept page's (k, v); it becomes the most recently used. KeyError if not kept."""
         self._pages.move_to_end(page_hash)
         return self._pages[page_hash]
 
 
-@functools.partial(jax.jit, static_argnums=())
+@jax.jit
 def gather_pages(k_pool, v_pool, pages_W):
-    """Pages ``pages_W`` (int32 ``[W]``) of both pools: two ``[layers, W, page_size, kv_heads, head_dim]``."""
-    return k_pool[:, pages_W], v_pool[:, pages_W]
+    """Pages ``pages_W`` (int32 ``[W]``) of both pools, one array ``[layers, page_size, kv_heads,
+    head_dim]`` per page: two tuples of ``W``."""
+    W = pages_W.shape[0]
+    return tuple(k_pool[:, pages_W[j]] for j in range(W)), tuple(v_pool[:, pages_W[j]] for j in range(W))
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def scatter_pages(k_pool, v_pool, pages_W, k_LxWxPxKxD, v_LxWxPxKxD):
-    """The pools with pages ``pages_W`` overwritten (slots naming the scratch page write there)."""
-    return (k_pool.at[:, pages_W].set(k_LxWxPxKxD.astype(k_pool.dtype)),
-            v_pool.at[:, pages_W].set(v_LxWxPxKxD.astype(v_pool.dtype)))
+def scatter_pages(k_pool, v_pool, pages_W, k_pages, v_pages):
+    """The pools with pages ``pages_W`` overwritten by the tuples of ``W`` pages ``k_pages``,
+    ``v_pages`` (slots naming the scratch page write there)."""
+    k, v = jax.numpy.stack(k_pages, 1), jax.numpy.stack(v_pages, 1)
+    return k_pool.at[:, pages_W].set(k.astype(k_pool.dtype)), v_pool.at[:, pages_W].set(v.astype(v_pool.dtype))
+
+
+def to_host(x: jax.Array) -> jax.Array:
+    """A copy of ``x`` in pinned host memory (same sharding otherwise): a DMA on GPUs; on CPU the
+    same RAM under another memory kind."""
+    return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+
+
+def to_device(x: jax.Array) -> jax.Array:
+    """A copy of a host-memory array back in device memory (same sharding otherwise)."""
+    return jax.device_put(x, x.sharding.with_memory_kind("device"))
