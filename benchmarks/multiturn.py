@@ -1,6 +1,7 @@
 """Multi-turn chat benchmark: time to first token per turn with the prefix cache on and off.
 
-    python benchmarks/multiturn.py [--users 4] [--turns 8] [--out benchmarks/out/multiturn.json]
+    python benchmarks/multiturn.py [--users 8 --max-batch 4] [--turns 8] [--configs off on small small+host]
+                                   [--out benchmarks/out/multiturn.json]
 
 Simulated users hold ``--turns``-turn conversations with the serving engine at the same time
 (``--max-batch`` of them running, the others queued, as a server under load).
@@ -37,6 +38,7 @@ from jaxlm.generate import kv_bytes_per_token
 from jaxlm.serve import Engine, Request
 
 PAGE = 16
+CONFIGS = {"off": "off", "on": "on", "small": "on, small pool", "small+host": "on, small pool + host"}
 
 
 def converse(engine: Engine, args, seed: int) -> dict:
@@ -94,6 +96,7 @@ def main() -> None:
                    help="pool of the small-pool runs (pages of 16 tokens): holds the running sequences, not every history")
     p.add_argument("--host-kv-gib", type=float, default=0.25)
     p.add_argument("--repeats", type=int, default=1, help="conversations per configuration (different random tokens)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--out", default="benchmarks/out/multiturn.json")
     args = p.parse_args()
     cfg = load_config(None, [
@@ -107,12 +110,13 @@ def main() -> None:
     big = 1 + args.users * (context // PAGE) + args.users
     shapes = dict(page_size=PAGE, max_batch=args.max_batch, max_context=context, prefill_chunk=args.prefill_chunk,
                   prefill_batch=args.max_batch)
-    configs = [
-        ("off", dict(num_pages=big, enable_prefix_caching=False)),
-        ("on", dict(num_pages=big)),
-        ("on, small pool", dict(num_pages=args.small_pages)),
-        ("on, small pool + host", dict(num_pages=args.small_pages, host_kv_gib=args.host_kv_gib)),
-    ]
+    every = {
+        "off": dict(num_pages=big, enable_prefix_caching=False),
+        "on": dict(num_pages=big),
+        "small": dict(num_pages=args.small_pages),
+        "small+host": dict(num_pages=args.small_pages, host_kv_gib=args.host_kv_gib),
+    }
+    configs = [(CONFIGS[c], every[c]) for c in args.configs]
     load = os.getloadavg()[0]
     results = {}
     for name, kw in configs:

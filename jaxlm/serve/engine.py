@@ -44,7 +44,7 @@ from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
 from jaxlm.serve.costs import call_flops_and_bytes, device_rates, load_beats_recompute
 from jaxlm.serve.metrics import EngineMetrics
-from jaxlm.serve.prefix_cache import HostTier, gather_pages, page_hashes, scatter_pages, to_device, to_host
+from jaxlm.serve.prefix_cache import HostTier, compile_page_copies, copy_from_host, copy_to_host, page_hashes
 from jaxlm.serve.request import Output, Request, RequestError
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
@@ -337,7 +337,11 @@ class Engine:
             for page, (i, h, _, _) in zip(new, loads):
                 seq.pages[i] = page
                 self.allocator.register(page, h)
-            self._load(new, [k for *_, k, _ in loads], [v for *_, v in loads])
+            if loads:
+                self._k_pool, self._v_pool = self._on_mesh(copy_from_host, self._k_pool, self._v_pool, new,
+                                                           [k for *_, k, _ in loads], [v for *_, v in loads],
+                                                           self.pages_per_seq)
+                self.metrics.record_host_load(len(new))
             seq.num_cached = cached
             self.metrics.record_prefix_lookup(len(seq.tokens), cached, len(loads) * self.page_size,
                                               max(seq.lost - cached, 0))
@@ -347,32 +351,7 @@ class Engine:
 
     def _offload(self, pages: list[int], hashes: list[bytes]) -> None:
         """Copy evicted pages to the host tier (called by the allocator before it reuses them)."""
-        for h in hashes:
-            if h in self.host:
-                self.host.get(h)  # kept already: now the most recently used
-        todo = [(p, h) for p, h in zip(pages, hashes) if h not in self.host]
-        W = self.pages_per_seq
-        for at in range(0, len(todo), W):
-            part = todo[at:at + W]
-            idx = np.full((W,), SCRATCH_PAGE, np.int32)
-            idx[: len(part)] = [p for p, _ in part]
-            ks, vs = self._on_mesh(gather_pages, self._k_pool, self._v_pool, jnp.asarray(idx))
-            for (_, h), k, v in zip(part, ks, vs):
-                self.host.put(h, to_host(k), to_host(v))
-
-    def _load(self, pages: list[int], ks: list[jax.Array], vs: list[jax.Array]) -> None:
-        """Copy host-tier pages into ``pages`` of the device pools."""
-        W = self.pages_per_seq
-        for at in range(0, len(pages), W):
-            part = pages[at:at + W]
-            idx = np.full((W,), SCRATCH_PAGE, np.int32)
-            idx[: len(part)] = part
-            k = [to_device(x) for x in ks[at:at + W]]
-            v = [to_device(x) for x in vs[at:at + W]]
-            pad = W - len(part)  # the scratch page's slots get copies of the first page
-            self._k_pool, self._v_pool = self._on_mesh(scatter_pages, self._k_pool, self._v_pool, jnp.asarray(idx),
-                                                       tuple(k + k[:1] * pad), tuple(v + v[:1] * pad))
-            self.metrics.record_host_load(len(part))
+        self._on_mesh(copy_to_host, self._k_pool, self._v_pool, pages, hashes, self.host, self.pages_per_seq)
 
     def _on_mesh(self, fn, *args):
         if self.mesh is None:
@@ -448,11 +427,7 @@ class Engine:
         self._call([], self.prefill_batch, self.prefill_chunk, None)
         self._call([], self.max_batch, 1, None)
         if self.host.capacity:
-            idx = jnp.full((self.pages_per_seq,), SCRATCH_PAGE, jnp.int32)
-            ks, vs = self._on_mesh(gather_pages, self._k_pool, self._v_pool, idx)
-            self._k_pool, self._v_pool = self._on_mesh(
-                scatter_pages, self._k_pool, self._v_pool, idx, tuple(to_device(to_host(k)) for k in ks),
-                tuple(to_device(to_host(v)) for v in vs))
+            self._k_pool, self._v_pool = self._on_mesh(compile_page_copies, self._k_pool, self._v_pool, self.pages_per_seq)
 
     def step(self) -> list[Event]:
         """Admit, prefill one chunk, decode one token; returns what each touched request produced."""

@@ -108,3 +108,43 @@ def to_host(x: jax.Array) -> jax.Array:
 def to_device(x: jax.Array) -> jax.Array:
     """A copy of a host-memory array back in device memory (same sharding otherwise)."""
     return jax.device_put(x, x.sharding.with_memory_kind("device"))
+
+
+def _padded(pages: Sequence[int], width: int) -> jax.Array:
+    idx = np.full((width,), 0, np.int32)  # unused slots name the scratch page (0)
+    idx[: len(pages)] = pages
+    return jax.numpy.asarray(idx)
+
+
+def copy_to_host(k_pool: jax.Array, v_pool: jax.Array, pages: Sequence[int], hashes: Sequence[bytes], host: HostTier,
+                 width: int) -> None:
+    """Keep pages ``pages`` of the pools in ``host`` under ``hashes`` (``width`` pages per copy call);
+    pages already kept only become the most recently used."""
+    for h in hashes:
+        if h in host:
+            host.get(h)
+    todo = [(p, h) for p, h in zip(pages, hashes) if h not in host]
+    for at in range(0, len(todo), width):
+        part = todo[at:at + width]
+        ks, vs = gather_pages(k_pool, v_pool, _padded([p for p, _ in part], width))
+        for (_, h), k, v in zip(part, ks, vs):
+            host.put(h, to_host(k), to_host(v))
+
+
+def copy_from_host(k_pool: jax.Array, v_pool: jax.Array, pages: Sequence[int], ks: Sequence[jax.Array],
+                   vs: Sequence[jax.Array], width: int) -> tuple[jax.Array, jax.Array]:
+    """The pools (donated) with host pages ``ks``/``vs`` written into ``pages``, ``width`` per call."""
+    for at in range(0, len(pages), width):
+        part = pages[at:at + width]
+        k = [to_device(x) for x in ks[at:at + width]]
+        v = [to_device(x) for x in vs[at:at + width]]
+        pad = width - len(part)  # the scratch page's slots get copies of the first page
+        k_pool, v_pool = scatter_pages(k_pool, v_pool, _padded(part, width), tuple(k + k[:1] * pad),
+                                       tuple(v + v[:1] * pad))
+    return k_pool, v_pool
+
+
+def compile_page_copies(k_pool: jax.Array, v_pool: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Compile both copies by copying the scratch page through host memory onto itself; the pools (donated)."""
+    ks, vs = gather_pages(k_pool, v_pool, _padded([], width))
+    return copy_from_host(k_pool, v_pool, [0], [to_host(ks[0])], [to_host(vs[0])], width)
