@@ -4,6 +4,7 @@
 import collections
 import hashlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -299,3 +300,26 @@ def test_step_metrics(model):
     assert s["step_batch_size"] >= 1 and 0 <= s["step_kv_cache_usage_ratio"] <= 1
     assert 0 < s["step_arithmetic_intensity"] and 0 < s["step_arithmetic_intensity_mean"]
     assert e.compiled_programs() == programs  # prefill and decode only, whatever the cache did
+
+
+@pytest.mark.slow
+def test_host_tier_on_a_mesh(model, devices):
+    """Pools split over kv heads (tensor=2) and rows over data=2: pages go to pinned host memory with
+    their sharding and come back; answers equal the cache-off engine on one device."""
+    from flax import nnx
+
+    from jaxlm.build import state_shardings
+    from jaxlm.config import MeshConfig
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, tensor=2), devices[:4])
+    sharded = nnx.merge(nnx.graphdef(model), jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh)))
+    system, plan = _multiturn_traffic(20, users=3, turns=3, sampled=False)
+    off = _converse(_engine(model, 7, enable_prefix_caching=False), system, plan)
+    e = _engine(sharded, 7, host_kv_gib=64 * PAGE * 2 * 2 * 2 * 16 * 4 / 2**30, host_link_bytes_per_s=1e12,
+                matmul_flops_per_s=1e9)
+    assert _converse(e, system, plan) == off
+    s = e.stats()
+    assert s["kv_host_loaded_pages_total"] > 0
+    k, _ = next(iter(e.host._pages.values()))
+    assert k.sharding.memory_kind == "pinned_host" and k.sharding.mesh.shape == mesh.shape
