@@ -94,6 +94,7 @@ def _serve(args: argparse.Namespace) -> None:
             model, num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
             max_context=args.max_context, prefill_chunk=args.prefill_chunk, tokenizer=tokenizer,
             eos_token_id=eos_token_ids(cfg.data.tokenizer_path, tokenizer),
+            enable_prefix_caching=args.prefix_caching, extra_key=str(args.checkpoint), host_kv_gib=args.host_kv_gib,
         )
     except ValueError as e:
         raise jaxlm.ConfigError(str(e)) from None
@@ -162,6 +163,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -273,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", dest="api_key", type=_api_key, default=os.environ.get("JAXLM_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (401 otherwise); "
                         "default: $JAXLM_API_KEY (which, unlike the flag, other users cannot read in the process list)")
+    s.add_argument("--host-kv-gib", dest="host_kv_gib", type=_non_negative_float, default=0.0,
+                   help="GiB of host memory keeping evicted KV pages for the prefix cache (default 0: none)")
+    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full (no KV pages shared between requests)")
     s.set_defaults(fn=_serve)
     c = sub.add_parser("convert", help="Hugging Face dir or .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir")
     c.add_argument("src", help="Hugging Face model directory, .gguf file, or jaxlm checkpoint directory")

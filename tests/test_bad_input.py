@@ -174,6 +174,9 @@ TABLE = [
     ("serve", ["serve", "{d}/run", "--num-pages", "2000000000"], 2, "lower --num-pages"),
     ("serve", ["serve", "{d}/run", "--api-key", ""], 2, "must be a non-empty printable string without spaces"),
     ("serve", ["serve", "{d}/run", "--api-key", "two words"], 2, "must be a non-empty printable string without spaces"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "lots"], 2, "'lots' is not a number"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "-1"], 2, "must be a finite number >= 0"),
+    ("serve", ["serve", "{d}/run", "--host-kv-gib", "1e9"], 2, "lower --host-kv-gib"),
     # ---- kernels, plan (refused while parsing: before any compile)
     ("kernels", ["kernels"], 2, "the following arguments are required: config"),
     ("kernels", ["kernels", TINY, "--target", "h900"], 2, "'h900' is not a target; choose one of"),

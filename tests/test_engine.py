@@ -1,5 +1,6 @@
 """Serving engine: paged cache == contiguous cache, a busy engine == standalone generation, preemption."""
 
+import collections
 import dataclasses
 
 import jax
@@ -44,9 +45,10 @@ def reference(model, prompts):
 
 
 def _check_pages(engine):
-    owned = [p for pages in engine.pages_in_use().values() for p in pages]
-    assert len(owned) == len(set(owned)) == engine.allocator.num_used
-    assert 0 not in owned  # the scratch page is never handed out
+    holders = collections.Counter(p for pages in engine.pages_in_use().values() for p in pages)
+    assert len(holders) == engine.allocator.num_used  # pages are shared only through their refcounts
+    assert all(engine.allocator.refcount(p) == n for p, n in holders.items())
+    assert 0 not in holders  # the scratch page is never handed out
     for seq in engine.running:
         assert len(seq.pages) * PAGE >= seq.num_cached
 
@@ -164,7 +166,8 @@ def test_preemption_recomputes_and_changes_nothing(small_engine, prompts, refere
     assert [o.token_ids for o in outs] == reference
     after = small_engine.stats()
     assert after["preemptions_total"] > before["preemptions_total"]
-    assert after["recomputed_tokens_total"] > before["recomputed_tokens_total"]
+    # what preemption dropped is found again in the prefix cache or computed again
+    assert sum(after[k] - before[k] for k in ("recomputed_tokens_total", "prefix_cache_hits_total")) > 0
     assert sum(o.preemptions for o in outs) == after["preemptions_total"] - before["preemptions_total"]
 
 

@@ -7,14 +7,19 @@ model's ordinary ``model(tokens, positions, cache)`` with a :class:`jaxlm.cache.
 compiled once each: the prefill program on ``[prefill_batch, prefill_chunk]`` tokens, the decode
 program on ``[max_batch, 1]`` (empty rows point at the scratch page), so no request recompiles.
 
-Pages are taken as sequences grow. When too few are free, the most recently admitted sequence
-is preempted: its pages are freed and it goes back to the front of the queue, to be computed
-again (prompt and the tokens it generated so far) once pages free up. Sampling draws token
-``i`` of a request from ``fold_in(key(seed), i)`` with that request's own knobs (temperature,
-top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sampling`, which also gives each token's
-log-probabilities), so its output does not depend on what else is in the batch, nor on
-preemption. A request whose output cannot be made (an exception in :meth:`Engine._append`) fails
-alone: its event carries the error and its pages are freed.
+Pages are taken as sequences grow. Full pages are named by a hash of their tokens and of all
+tokens before them (:mod:`jaxlm.serve.prefix_cache`); a request admitted later starts from the
+longest run of its pages already in the pool (held by others, or cached after their requests
+finished), or copied back from the host-memory tier when that is cheaper than computing them
+(:mod:`jaxlm.serve.costs`), and prefills only the rest (at least its last token). When too few
+pages are free, the most recently admitted sequence is preempted: its pages are released (they
+stay cached until needed) and it goes back to the front of the queue, to find what is left of
+them and compute the rest (prompt and the tokens it generated so far) once pages free up.
+Sampling draws token ``i`` of a request from ``fold_in(key(seed), i)`` with that request's own
+knobs (temperature, top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sampling`, which
+also gives each token's log-probabilities), so its output does not depend on what else is in the
+batch, nor on preemption. A request whose output cannot be made (an exception in
+:meth:`Engine._append`) fails alone: its event carries the error and its pages are released.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import os
 import secrets
 import time
 from typing import Iterable, Iterator, Sequence
@@ -39,7 +45,9 @@ from jaxlm.generate import decoding_placement, kv_bytes_per_token, stop_ids
 from jaxlm.metrics import memory_capacity
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
+from jaxlm.serve.costs import call_flops_and_bytes, device_rates, load_beats_recompute
 from jaxlm.serve.metrics import EngineMetrics
+from jaxlm.serve.prefix_cache import HostTier, compile_page_copies, copy_from_host, copy_to_host, page_hashes
 from jaxlm.serve.request import MAX_STOP_TOKEN_IDS, Output, Request, RequestError, TokenLogprobs
 from jaxlm.serve.sampling import SamplingRows, knobs, sample_rows
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
@@ -90,6 +98,8 @@ class _Sequence:
     sent: int = 0  # characters of the text already handed out in events
     num_cached: int = 0  # tokens whose keys/values are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, as far as computed
+    lost: int = 0  # tokens it had cached when last preempted
     admitted: int = -1  # admission order: higher is more recent
     slot: int = -1  # row in the decode batch; -1 while waiting
     preemptions: int = 0
@@ -119,6 +129,13 @@ class Engine:
     mesh's data-parallel axes). ``tokenizer`` lets requests carry text and outputs have text;
     ``eos_token_id`` (one id or the model's EOS set, :func:`jaxlm.interop.eos.eos_token_ids`) ends a sequence.
     Runs on ``mesh``, by default the mesh the model's parameters live on.
+
+    Prefix caching (``enable_prefix_caching``, on by default) reuses full pages across requests
+    whose token ids agree from the start; ``extra_key`` names whatever else changes the keys and
+    values (model id, adapter id), so engines with different keys never share a page.
+    ``host_kv_gib``: GiB of host memory that keeps evicted pages (0: none). A page found there is
+    copied back when ``host_link_bytes_per_s`` makes that faster than recomputing it at
+    ``matmul_flops_per_s`` (both default to the device's figures in :mod:`jaxlm.serve.costs`).
     """
 
     def __init__(
@@ -135,6 +152,11 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         clock=time.perf_counter,
+        enable_prefix_caching: bool = True,
+        extra_key: str = "",
+        host_kv_gib: float = 0.0,
+        host_link_bytes_per_s: float | None = None,
+        matmul_flops_per_s: float | None = None,
     ):
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 16 (the decode kernel's tile), got {page_size}")
@@ -142,6 +164,12 @@ class Engine:
                             ("prefill_batch", prefill_batch)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 0 <= host_kv_gib < float("inf"):
+            raise ValueError(f"host_kv_gib must be a finite number >= 0, got {host_kv_gib}")
+        host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if host_kv_gib * 2**30 > host_bytes:
+            raise ValueError(f"host_kv_gib={host_kv_gib:g} exceeds this machine's {host_bytes / 2**30:.3g} GiB of memory; "
+                             f"lower --host-kv-gib")
         model, mesh = decoding_placement(model, mesh)
         self.mesh = mesh
         rows = 1 if mesh is None else mesh_axis_size(mesh, LOGICAL_RULES["batch"])
@@ -159,7 +187,15 @@ class Engine:
         if pool_bytes > have:
             raise ValueError(f"a KV pool of {num_pages} pages of {page_size} tokens needs {pool_bytes / 2**30:.3g} GiB "
                              f"but the devices hold {have / 2**30:.3g} GiB; lower --num-pages")
-        self.allocator = PageAllocator(num_pages)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.extra_key = extra_key
+        self.page_bytes = page_size * kv_bytes_per_token(model.cfg)
+        self.host = HostTier(int(host_kv_gib * 2**30 // self.page_bytes) if enable_prefix_caching else 0)
+        device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+        link, rate = device_rates(device.device_kind, device.platform, model.cfg.compute_dtype)
+        self.host_link_bytes_per_s = host_link_bytes_per_s or link
+        self.matmul_flops_per_s = matmul_flops_per_s or rate
+        self.allocator = PageAllocator(num_pages, on_evict=self._offload if self.host.capacity else None)
         self.metrics = EngineMetrics(clock)
         self._clock = clock
         self._graphdef, self._state = nnx.split(model)
@@ -167,6 +203,8 @@ class Engine:
         if mesh is not None:
             sharding = NamedSharding(mesh, logical_spec(PAGED_CACHE_AXES))
             k, v = jax.device_put(k, sharding), jax.device_put(v, sharding)
+        else:  # committed from the start, as the page copies leave them: one compiled program per shape
+            k, v = jax.device_put(k, device), jax.device_put(v, device)
         self._k_pool, self._v_pool = k, v
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * self.max_batch
@@ -226,8 +264,7 @@ class Engine:
                 return True
         for seq in self.running:
             if seq.request_id == request_id:
-                self.allocator.free(seq.pages)
-                seq.pages, self._slots[seq.slot], seq.slot = [], None, -1
+                self._release(seq)
                 return True
         return False
 
@@ -248,10 +285,14 @@ class Engine:
         return {s.request_id: list(s.pages) for s in self.running}
 
     def stats(self) -> dict[str, float]:
-        """Metrics snapshot plus the gauges: KV-cache use, running batch, queue length."""
+        """Metrics snapshot plus the gauges: KV-cache use (pages held, cached, on host), running
+        batch, queue length."""
         used, total = self.allocator.num_used, self.allocator.capacity
         return {
             "kv_cache_usage_ratio": used / total, "kv_cache_pages_used": used, "kv_cache_pages_total": total,
+            "kv_cache_pages_cached": self.allocator.num_cached, "kv_cache_evictions_total": self.allocator.evictions,
+            "kv_host_pages": len(self.host), "kv_host_pages_total": self.host.capacity,
+            "kv_host_stored_pages_total": self.host.stored, "kv_host_dropped_pages_total": self.host.dropped,
             "running_requests": sum(s is not None for s in self._slots), "waiting_requests": len(self._waiting),
             **self.metrics.snapshot(),
         }
@@ -264,21 +305,94 @@ class Engine:
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def _hashes(self, seq: _Sequence, pages: int) -> list[bytes]:
+        """Hashes of the sequence's first ``pages`` full pages (computed once, kept on it)."""
+        if len(seq.hashes) < pages:
+            seq.hashes = page_hashes(seq.tokens[: pages * self.page_size], self.page_size, self.extra_key, seq.hashes)
+        return seq.hashes[:pages]
+
+    def _match(self, seq: _Sequence) -> list[tuple[int | None, bytes]]:
+        """The longest run of the sequence's leading full pages that need no computing: ``(page,
+        hash)`` for a page in the pool, ``(None, hash)`` for one to copy back from host memory.
+        Its last token is always left out (it must be computed to have logits to sample from)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for h in self._hashes(seq, (len(seq.tokens) - 1) // self.page_size):
+            page = self.allocator.lookup(h)
+            if page is None and h not in self.host:
+                break
+            found.append((page, h))
+        first_host = next((i for i, (page, _) in enumerate(found) if page is None), len(found))
+        end = len(found) * self.page_size  # load every host page of the run, or cut the run at the first
+        if first_host < len(found) and not load_beats_recompute(
+                self.cfg, first_host * self.page_size, end, self.host_link_bytes_per_s, self.matmul_flops_per_s):
+            found = found[:first_host]
+        return found
+
     def _admit(self) -> None:
         while self._waiting and None in self._slots:
             seq = self._waiting[0]
-            if self._pages_for(min(len(seq.tokens), self.prefill_chunk)) > self.allocator.num_free:
+            found = self._match(seq)
+            cached = len(found) * self.page_size
+            held = sum(1 for page, _ in found if page is not None)
+            unheld = sum(1 for page, _ in found if page is not None and not self.allocator.refcount(page))
+            need = self._pages_for(cached + min(len(seq.tokens) - cached, self.prefill_chunk)) - held
+            if need > self.allocator.num_free - unheld:
                 break
             self._waiting.popleft()
+            for page, _ in found:
+                if page is not None:
+                    self.allocator.acquire(page)
+            loads = [(i, h, *self.host.get(h)) for i, (page, h) in enumerate(found) if page is None]
+            new = self.allocator.allocate(len(loads))  # may evict (to host): the copies to load are taken
+            seq.pages = [page for page, _ in found]
+            for page, (i, h, _, _) in zip(new, loads):
+                seq.pages[i] = page
+                self.allocator.register(page, h)
+            if loads:
+                self._k_pool, self._v_pool = self._on_mesh(copy_from_host, self._k_pool, self._v_pool, new,
+                                                           [k for *_, k, _ in loads], [v for *_, v in loads],
+                                                           self.pages_per_seq)
+                self.metrics.record_host_load(len(new))
+            seq.num_cached = cached
+            self.metrics.record_prefix_lookup(len(seq.tokens), cached, len(loads) * self.page_size,
+                                              max(seq.lost - cached, 0))
+            seq.lost = 0
             seq.admitted, seq.slot = next(self._admissions), self._slots.index(None)
             self._slots[seq.slot] = seq
 
-    def _preempt(self, seq: _Sequence) -> None:
+    def _offload(self, pages: list[int], hashes: list[bytes]) -> None:
+        """Copy evicted pages to the host tier (called by the allocator before it reuses them)."""
+        self._on_mesh(copy_to_host, self._k_pool, self._v_pool, pages, hashes, self.host, self.pages_per_seq)
+
+    def _on_mesh(self, fn, *args):
+        if self.mesh is None:
+            return fn(*args)
+        with jax.set_mesh(self.mesh):
+            return fn(*args)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Give back a sequence's pages (named ones stay cached) and its batch slot."""
         self.allocator.free(seq.pages)
-        self.metrics.record_preemption(seq.num_cached)
-        seq.pages, seq.num_cached, seq.preemptions = [], 0, seq.preemptions + 1
-        self._slots[seq.slot], seq.slot = None, -1
+        seq.pages = []
+        if seq.slot >= 0:
+            self._slots[seq.slot], seq.slot = None, -1
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self.metrics.record_preemption()
+        seq.lost, seq.num_cached, seq.preemptions = seq.num_cached, 0, seq.preemptions + 1
+        self._release(seq)
         self._waiting.appendleft(seq)
+
+    def _name_pages(self, seq: _Sequence, before: int) -> None:
+        """Register the pages the last call filled (cached tokens went from ``before`` to now)."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_cached // self.page_size
+        hashes = self._hashes(seq, full)
+        for i in range(before // self.page_size, full):
+            self.allocator.register(seq.pages[i], hashes[i])  # False for a copy of a named page: it stays unnamed
 
     def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
         """(sequences to prefill a chunk of, sequences to decode), their pages taken."""
@@ -316,23 +430,22 @@ class Engine:
             sampling.set(r, seq.seed, seq.generated, seq.knobs, banned)
         args = (self._graphdef, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
             tokens, positions, table, last, *sampling.arrays())))
-        if self.mesh is None:
-            out, self._k_pool, self._v_pool = _forward_and_sample(*args)
-        else:
-            with jax.set_mesh(self.mesh):
-                out, self._k_pool, self._v_pool = _forward_and_sample(*args)
+        out, self._k_pool, self._v_pool = self._on_mesh(_forward_and_sample, *args)
         return tuple(np.asarray(a) for a in jax.device_get(out))
 
     def warmup(self) -> None:
-        """Compile the prefill and decode programs (their rows all point at the scratch page)."""
+        """Compile the prefill and decode programs (their rows all point at the scratch page), and
+        with a host tier the page copies (of the scratch page onto itself)."""
         self._call([], self.prefill_batch, self.prefill_chunk, None)
         self._call([], self.max_batch, 1, None)
+        if self.host.capacity:
+            self._k_pool, self._v_pool = self._on_mesh(compile_page_copies, self._k_pool, self._v_pool, self.pages_per_seq)
 
     def step(self) -> list[Event]:
         """Admit, prefill one chunk, decode one token; returns what each touched request produced."""
         self._admit()
         prefill, decode = self._schedule()
-        events = []
+        events, flops, moved = [], 0.0, 0.0
         for seqs, rows, width, row_of in (
             (prefill, self.prefill_batch, self.prefill_chunk, lambda i, s: i),
             (decode, self.max_batch, 1, lambda i, s: s.slot),
@@ -340,24 +453,27 @@ class Engine:
             if not seqs:
                 continue
             fed = [min(s.remaining, width) for s in seqs]
+            f, b = call_flops_and_bytes(self.cfg, [(s.num_cached, n) for s, n in zip(seqs, fed)])
+            flops, moved = flops + f, moved + b
             next_tokens = self._call(seqs, rows, width, row_of)
             (self.metrics.record_prefill if width > 1 else self.metrics.record_decode)(sum(fed))
             now = self._clock()
             for i, (seq, n) in enumerate(zip(seqs, fed)):
                 seq.num_cached += n
+                self._name_pages(seq, seq.num_cached - n)
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
                     try:
                         events.append(self._append(seq, [a[row_of(i, seq)] for a in next_tokens], now))
                     except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
                         events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+        if prefill or decode:
+            self.metrics.record_step(len(prefill) + len(decode), self.allocator.num_used / self.allocator.capacity,
+                                     flops, moved)
         return events
 
     def _fail(self, seq: _Sequence, message: str) -> Event:
         """Drop a running request whose output could not be made; its event carries the error."""
-        self.allocator.free(seq.pages)
-        seq.pages = []
-        if seq.slot >= 0:
-            self._slots[seq.slot], seq.slot = None, -1
+        self._release(seq)
         return Event(seq.request_id, [], error=message)
 
     def _append(self, seq: _Sequence, sampled: list[np.ndarray], now: float) -> Event:
@@ -393,9 +509,7 @@ class Engine:
         delta, seq.sent = text[seq.sent:end], max(seq.sent, end)
         if reason is None:
             return Event(seq.request_id, [token], text=delta, logprobs=None if lp is None else [lp])
-        self.allocator.free(seq.pages)
-        seq.pages = []
-        self._slots[seq.slot], seq.slot = None, -1
+        self._release(seq)
         self.metrics.record_finished()
         out = Output(
             seq.request_id, seq.prompt_ids, seq.generated, text[:end] if seq.detok is not None else None, reason,

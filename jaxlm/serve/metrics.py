@@ -1,7 +1,9 @@
 """Serving load metrics, and the kinds and help texts of their Prometheus names (:mod:`.exporter`).
 
-The engine records events here (tokens computed, first tokens, preemptions); gauges (KV-cache
-use, batch size, queue length) are read from the engine when a snapshot is taken. Rates are
+The engine records events here (tokens computed, first tokens, preemptions, prefix-cache lookups,
+pages copied back from host memory, and per step its batch size, KV-cache use and arithmetic
+intensity); gauges (KV-cache use, pages cached and on host, batch size, queue length) are read
+from the engine when a snapshot is taken. Rates are
 over a sliding window; latency quantiles over the most recent samples.
 """
 
@@ -42,7 +44,12 @@ class EngineMetrics:
         self.prefill_tokens = 0  # prompt tokens computed (recomputation included)
         self.decode_tokens = 0  # tokens generated
         self.preemptions = 0
-        self.recomputed_tokens = 0  # cached tokens thrown away by preemption (computed again later)
+        self.recomputed_tokens = 0  # tokens computed again after a preemption (not found in the cache)
+        self.prefix_queries = 0  # tokens looked up in the prefix cache (each admission: prompt + generated)
+        self.prefix_hits = 0  # of those, tokens reused (in the pool or copied back from host memory)
+        self.prefix_host_hits = 0  # of those, tokens copied back from host memory
+        self.host_loads = 0  # pages copied from host memory into the pool
+        self.steps: collections.deque[tuple[int, float, float, float]] = collections.deque(maxlen=SAMPLES)
         self.requests_finished = 0
         self._prefill_rate = _Rate(clock)
         self._decode_rate = _Rate(clock)
@@ -67,10 +74,27 @@ class EngineMetrics:
         with self._lock:
             self.itl_s.append(seconds)
 
-    def record_preemption(self, lost_tokens: int) -> None:
+    def record_preemption(self) -> None:
         with self._lock:
             self.preemptions += 1
-            self.recomputed_tokens += lost_tokens
+
+    def record_prefix_lookup(self, queried: int, reused: int, from_host: int, recomputed: int) -> None:
+        """An admission: ``queried`` tokens looked up, ``reused`` found (``from_host`` of them in host
+        memory), ``recomputed`` tokens it had computed before a preemption and must compute again."""
+        with self._lock:
+            self.prefix_queries += queried
+            self.prefix_hits += reused
+            self.prefix_host_hits += from_host
+            self.recomputed_tokens += recomputed
+
+    def record_host_load(self, pages: int) -> None:
+        with self._lock:
+            self.host_loads += pages
+
+    def record_step(self, batch: int, kv_usage: float, flops: float, bytes_moved: float) -> None:
+        """One engine step: sequences computed, KV pages in use / capacity, model FLOPs and bytes moved."""
+        with self._lock:
+            self.steps.append((batch, kv_usage, flops, bytes_moved))
 
     def record_finished(self) -> None:
         with self._lock:
@@ -84,10 +108,23 @@ class EngineMetrics:
                 "decode_tokens_total": self.decode_tokens,
                 "preemptions_total": self.preemptions,
                 "recomputed_tokens_total": self.recomputed_tokens,
+                "prefix_cache_queries_total": self.prefix_queries,
+                "prefix_cache_hits_total": self.prefix_hits,
+                "prefix_cache_host_hits_total": self.prefix_host_hits,
+                "prefix_cache_hit_rate": self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
+                "kv_host_loaded_pages_total": self.host_loads,
                 "requests_finished_total": self.requests_finished,
                 "prefill_tokens_per_second": self._prefill_rate.per_second(),
                 "decode_tokens_per_second": self._decode_rate.per_second(),
             }
+            batch, usage, flops, moved = (np.asarray(c, np.float64) for c in zip(*self.steps)) if self.steps else ((),) * 4
+            last = self.steps[-1] if self.steps else (0, 0.0, 0.0, 0.0)
+            out.update({
+                "step_batch_size": last[0], "step_kv_cache_usage_ratio": last[1],
+                "step_arithmetic_intensity": last[2] / last[3] if last[3] else 0.0,
+                "step_batch_size_mean": float(np.mean(batch)) if len(batch) else 0.0,
+                "step_arithmetic_intensity_mean": float(np.sum(flops) / np.sum(moved)) if len(moved) else 0.0,
+            })
             for name, xs in (("time_to_first_token_seconds", ttft), ("inter_token_latency_seconds", itl)):
                 for q in (0.5, 0.99):
                     out[f"{name}_p{round(q * 100)}"] = float(np.quantile(xs, q)) if len(xs) else 0.0
@@ -107,7 +144,23 @@ _HELP = {
     "prefill_tokens_total": ("counter", "prompt tokens computed, recomputation included"),
     "decode_tokens_total": ("counter", "tokens generated"),
     "preemptions_total": ("counter", "requests preempted when KV-cache pages ran out"),
-    "recomputed_tokens_total": ("counter", "cached tokens dropped by preemption, to be computed again"),
+    "recomputed_tokens_total": ("counter", "tokens computed again after a preemption (not found in the prefix cache)"),
+    "kv_cache_pages_cached": ("gauge", "KV-cache pages no request holds, kept for the prefix cache (evictable)"),
+    "kv_cache_evictions_total": ("counter", "cached KV-cache pages evicted (least recently used) to make room"),
+    "kv_host_pages": ("gauge", "KV pages kept in host memory"),
+    "kv_host_pages_total": ("gauge", "KV pages host memory may keep (--host-kv-gib)"),
+    "kv_host_stored_pages_total": ("counter", "evicted KV pages copied to host memory"),
+    "kv_host_dropped_pages_total": ("counter", "KV pages dropped from host memory (least recently used)"),
+    "kv_host_loaded_pages_total": ("counter", "KV pages copied back from host memory instead of recomputed"),
+    "prefix_cache_queries_total": ("counter", "tokens looked up in the prefix cache (prompt + generated, per admission)"),
+    "prefix_cache_hits_total": ("counter", "tokens reused from the prefix cache (not computed)"),
+    "prefix_cache_host_hits_total": ("counter", "tokens reused from the host-memory tier"),
+    "prefix_cache_hit_rate": ("gauge", "prefix-cache hits / queries, in tokens, since start"),
+    "step_batch_size": ("gauge", "sequences computed by the last engine step (prefill + decode)"),
+    "step_kv_cache_usage_ratio": ("gauge", "KV-cache pages in use / total after the last engine step"),
+    "step_arithmetic_intensity": ("gauge", "model FLOPs / bytes moved (weights + KV) of the last engine step"),
+    "step_batch_size_mean": ("gauge", f"mean sequences per engine step over the last {SAMPLES} steps"),
+    "step_arithmetic_intensity_mean": ("gauge", f"FLOPs / bytes moved over the last {SAMPLES} engine steps"),
     "requests_finished_total": ("counter", "requests finished"),
 }
 _SUMMARIES = {
