@@ -195,3 +195,24 @@ def restore_lora(ckpt: Any, step: int, cfg: Any, mesh: Any) -> nnx.Module:
     adapters_state, _, meta = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
     check_base(ckpt.directory, meta, {"reference": pretrained.base_reference(cfg, False), "checksum": tree_checksum(base)})
     return merge(nnx.merge(graphdef, adapters_state, base))
+
+
+def restore_adapters(directory: str | pathlib.Path, step: int | None = None) -> tuple[nnx.State, Any]:
+    """(adapters on one device, config) of a LoRA run's step (default: the newest); the base is not read."""
+    from jaxlm.build import state_shardings
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.config import MeshConfig
+    from sharding.mesh import make_mesh
+
+    ckpt = Checkpointer(directory, create=False)
+    try:
+        step = ckpt._step_or_latest(step)
+        cfg = ckpt.read_config(step)
+        if cfg.train.lora.rank == 0:
+            raise ConfigError(f"'{directory}' is not a LoRA run (train.lora.rank is 0); export it without --adapter-only")
+        _, abstract, _ = abstract_lora_model(cfg.model, cfg.train.lora)
+        mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+        adapters_state, _, _ = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
+        return adapters_state, cfg
+    finally:
+        ckpt.close()

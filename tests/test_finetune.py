@@ -261,3 +261,34 @@ def test_a_lora_step_on_one_device_equals_fsdp4_tensor2():
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_a_lora_run_exports_a_peft_adapter_and_merged_weights_that_transformers_loads(hf_dir, tmp_path, capsys):
+    peft = pytest.importorskip("peft", reason="the adapter round trip loads it with peft (pip install -e '.[interop]')")
+    from jaxlm.cli import main
+
+    path, _ = hf_dir
+    run = tmp_path / "run"
+    jaxlm.train(_run_cfg(path, run, 3, *LORA, "train.learning_rate=0.05", "train.lora.dropout=0.1"), log=lambda _: None)
+    assert main(["convert", str(run), str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    assert main(["convert", str(run), str(tmp_path / "merged")]) == 0
+    assert main(["generate", "--checkpoint", str(run), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    names = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    tokens = _tokens(seed=9)
+    ours, _ = jaxlm.restore(run, mesh=make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))  # base + adapters, merged
+    got = _logits(ours, tokens)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        base_logits = base(ids).logits.numpy()
+        with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        peft_logits = with_adapter(ids).logits.numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        merged_logits = merged(ids).logits.numpy()
+    assert np.abs(peft_logits - base_logits).max() > 1e-2  # the adapters changed the model
+    np.testing.assert_allclose(got, peft_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged_logits, peft_logits, atol=1e-4, rtol=0)
