@@ -48,7 +48,7 @@ def bench_one(source: str, rank: int, args: argparse.Namespace) -> dict:
     ]
     if rank:
         overrides += [f"train.lora.rank={rank}", f"train.lora.alpha={2 * rank}",
-                      "train.lora.targets=[q,k,v,o,gate,up,down]", f"train.lora.base_dtype={args.base_dtype}"]
+                      f"train.lora.targets=[{','.join(args.targets)}]", f"train.lora.base_dtype={args.base_dtype}"]
     cfg = pretrained.resolve_init_from(load_config(None, overrides))
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     trainer = Trainer(cfg, mesh)
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--targets", nargs="+", default=["q", "k", "v", "o", "gate", "up", "down"], help="train.lora.targets")
     p.add_argument("--compute-dtype", dest="compute_dtype", default="float32")
     p.add_argument("--base-dtype", dest="base_dtype", default="float32", help="train.lora.base_dtype")
     p.add_argument("--out", default="benchmarks/out/finetune.json")
@@ -105,7 +106,8 @@ def main() -> None:
     rows = [bench_one(source, r, args) for r in [0, *args.ranks]]
     full = rows[0]["opt_state_bytes"]
     mib = 2**20
-    print(f"{jax.devices()[0].platform}, 1 device, batch {args.batch} x {args.seq} tokens, compute {args.compute_dtype}")
+    print(f"{jax.devices()[0].platform}, 1 device, batch {args.batch} x {args.seq} tokens, compute {args.compute_dtype}, "
+          f"LoRA on {','.join(args.targets)}, alpha = 2 x rank, base {args.base_dtype}")
     print("| run | trainable params | optimizer state (MiB) | vs full | step (s) | tokens/s | args (MiB) | out (MiB) | temp (MiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -118,7 +120,8 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"platform": jax.devices()[0].platform, "batch": args.batch, "seq": args.seq,
-                               "compute_dtype": args.compute_dtype, "rows": rows, "lora_within_2_percent": ok}, indent=1))
+                               "compute_dtype": args.compute_dtype, "targets": args.targets,
+                               "base_dtype": args.base_dtype, "rows": rows, "lora_within_2_percent": ok}, indent=1))
 
 
 if __name__ == "__main__":
