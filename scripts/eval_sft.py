@@ -50,10 +50,9 @@ def heldout_loss(model, template, tokenizer: Tokenizer, conversations: list[list
     return total / count
 
 
-def evaluate(checkpoint: str, data: str, max_new_tokens: int = 16) -> dict:
-    """``{"accuracy", "loss", "n", "examples": [(prompt, want, got), ...]}`` of ``checkpoint`` on ``data``."""
-    model, cfg = jaxlm.restore(checkpoint, log=lambda _: None)
-    tok_path = cfg.data.tokenizer_path
+def evaluate(model, tok_path: str, data: str, max_new_tokens: int = 8) -> dict:
+    """``{"accuracy", "loss", "n", "examples": [(question, want, got), ...]}`` of ``model`` (whose
+    tokenizer.json, with the chat template beside it, is ``tok_path``) on the JSONL file ``data``."""
     template, tokenizer = load_chat_template(tok_path), Tokenizer.from_file(tok_path)
     conversations = [m for _, m in iter_conversations(pathlib.Path(data))]
     prompts = [c[:-1] for c in conversations]
@@ -77,12 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--show", type=int, default=0, help="print this many replies next to the expected answer")
     ap.add_argument("--json", default="", help="also write the numbers to this file")
     args = ap.parse_args(argv)
-    out = evaluate(args.checkpoint, args.data)
-    print(f"{args.label}held-out exact match {out['accuracy']:.1%} of {out['n']}, held-out loss {out['loss']:.3f}")
-    for _, want, got in out["examples"][: args.show]:
+    model, cfg = jaxlm.restore(args.checkpoint, log=lambda _: None)
+    report(evaluate(model, cfg.data.tokenizer_path, args.data), args.label, args.show, args.json)
+
+
+def report(out: dict, label: str = "", show: int = 0, json_path: str = "") -> None:
+    """Print the numbers of :func:`evaluate` (and ``show`` replies); write them to ``json_path`` when given."""
+    print(f"{label}held-out exact match {out['accuracy']:.1%} of {out['n']}, held-out loss {out['loss']:.3f}", flush=True)
+    for _, want, got in out["examples"][:show]:
         print(f"  want {want!r:24} got {got!r}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=2) + "\n")
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps({k: v for k, v in out.items() if k != "examples"}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Build a small supervised fine-tuning set from the embedded corpus: who speaks this line?
 
 Each example shows a short passage of a play (a few consecutive speeches, ``NAME: first line``)
-and asks who says one of its lines; the answer is the speaker's name as the play prints it::
+and asks who says one of its lines; the answer is the speaker's name as the play prints it. There is
+no system message, so the model's template adds its default one, as ``jaxlm generate --chat`` does::
 
-    {"messages": [{"role": "system", "content": "Answer with the speaker's name only."},
-                  {"role": "user", "content": "BERNARDO: Who's there?\\nFRANCISCO: Nay, answer me ...\\n\\nWho says \\"Nay, answer me ...\\"?"},
+    {"messages": [{"role": "user", "content": "BERNARDO: Who's there?\\nFRANCISCO: Nay, answer me ...\\n\\nWho says \\"Nay, answer me ...\\"?"},
                   {"role": "assistant", "content": "FRANCISCO"}]}
 
 The plays are split by play, not by example: the held-out file comes from plays the training file
@@ -23,7 +23,6 @@ import re
 
 from jaxlm.data import load_text
 
-SYSTEM = "Answer with the speaker's name only."
 SPEAKER = re.compile(r"^([A-Z][A-Z .'-]+):$")  # a speech starts with its speaker's name alone on a line
 
 
@@ -55,8 +54,7 @@ def examples(items: list[tuple[str, str, str]], rng: random.Random, window: int,
             continue  # a repeated line would have two answers
         speaker, quote = lines[rng.randrange(window)]
         prompt = "\n".join(f"{s}: {t}" for s, t in lines) + f'\n\nWho says "{quote}"?'
-        out.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": speaker}]})
+        out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": speaker}]})
     return out
 
 
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="directory to write train.jsonl and heldout.jsonl into")
     ap.add_argument("--heldout-plays", default="TWELFTH NIGHT,THE TEMPEST", help="comma-separated play titles held out")
     ap.add_argument("--train", type=int, default=1200, help="training conversations (at most)")
-    ap.add_argument("--heldout", type=int, default=64, help="held-out conversations (at most)")
+    ap.add_argument("--heldout", type=int, default=32, help="held-out conversations (at most)")
     ap.add_argument("--window", type=int, default=3, help="speeches per passage")
     ap.add_argument("--max-words", type=int, default=10, help="words kept of each speech's first line")
     ap.add_argument("--seed", type=int, default=0)
