@@ -81,6 +81,7 @@ def world(tmp_path_factory):
     (d / "chat_badjson.jsonl").write_text(good_chat + '{"messages": [\n')
     (d / "chat_role.jsonl").write_text(good_chat + '{"messages": [{"role": "narrator", "content": "Once"}]}\n')
     (d / "chat_empty.jsonl").write_text(good_chat + good_chat + '{"messages": []}\n')
+    (d / "chat_ok.jsonl").write_text(good_chat + '{"prompt": "Who?", "completion": "You."}\n')
     (d / "chat_noanswer.jsonl").write_text('{"prompt": "Who?", "completion": 3}\n')
     (d / "locked").mkdir()
     (d / "locked" / "keep.txt").write_text("kept\n")
@@ -227,6 +228,7 @@ TABLE = [
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_role.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_role.jsonl:2: message 0 has role 'narrator'; roles are system, user, assistant"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_empty.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_empty.jsonl:3: 'messages' is empty"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_noanswer.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_noanswer.jsonl:1: message 1 (assistant) has content of type int"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 0, None),
 ]
 # prepare-data with --text-field on a .txt input is not bad input: it is here to show the table
 # tells the two apart (exit 0, nothing on stderr), and its output is removed again below.

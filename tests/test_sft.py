@@ -141,6 +141,40 @@ def test_bad_rows_are_data_errors_naming_file_and_line(tmp_path):
         assert not (tmp_path / f"out{i}").exists() and not list(tmp_path.glob(f".out{i}*"))  # nothing left behind
 
 
+def test_prepare_keeps_the_start_of_a_conversation_longer_than_seq_len_and_counts_it(tmp_path):
+    tok_path, _ = _model_dir(tmp_path, "llama3")
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    full = prepare_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "full"), str(tok_path))
+    lengths = np.diff(np.append(np.load(tmp_path / "full" / "docs.npy"), full["num_tokens"]))
+    seq_len = int(sorted(lengths)[0])  # rows of seq_len tokens: the two longer conversations are cut
+    cut = prepare_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "cut"), str(tok_path), seq_len=seq_len - 1)
+    assert cut["num_truncated"] == 2 and cut["seq_len"] == seq_len - 1
+    a, b = open_prepared(str(tmp_path / "full"), str(tok_path)), open_prepared(str(tmp_path / "cut"), str(tok_path))
+    for d in range(len(ROWS)):
+        n = min(int(lengths[d]), seq_len)
+        s, t = int(a.doc_starts[d]), int(b.doc_starts[d])
+        np.testing.assert_array_equal(b.tokens[t : t + n], a.tokens[s : s + n])  # the start, unchanged
+        np.testing.assert_array_equal(b.labels[t : t + n], a.labels[s : s + n])
+    assert len(b) == sum(min(int(n), seq_len) for n in lengths)
+
+
+def test_demo_set_holds_out_whole_plays_and_answers_from_the_passage(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sft_demo", str(tokenizer_file().parents[2] / "scripts" / "make_sft_demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.main(["--out", str(tmp_path), "--train", "300", "--heldout", "20"])
+    rows = {n: [json.loads(l)["messages"] for l in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("train", "heldout")}
+    assert len(rows["train"]) == 300 and len(rows["heldout"]) == 20
+    speakers = {n: {m[1]["content"] for m in r} for n, r in rows.items()}
+    assert {"VIOLA", "PROSPERO"} & speakers["heldout"] and not {"VIOLA", "PROSPERO"} & speakers["train"]
+    for m in rows["train"] + rows["heldout"]:
+        passage, question = m[0]["content"].split("\n\n")
+        said = dict(line.split(": ", 1)[::-1] for line in passage.splitlines())  # line -> speaker
+        assert said[question[len('Who says "'):-2]] == m[1]["content"]
+
+
 def _chat_stream(lengths, seed=0):
     """Random tokens (never zeros) and random labels 0/1/2 in conversations of the given lengths."""
     rng = np.random.default_rng(seed)
