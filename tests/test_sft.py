@@ -2,6 +2,7 @@
 rows whole, the loss is the masked cross-entropy (same on one device and fsdp4 x tensor2), and an
 SFT run resumes bit for bit."""
 
+import dataclasses
 import json
 
 import jax
@@ -158,12 +159,51 @@ def test_prepare_keeps_the_start_of_a_conversation_longer_than_seq_len_and_count
     assert len(b) == sum(min(int(n), seq_len) for n in lengths)
 
 
-def test_demo_set_holds_out_whole_plays_and_answers_from_the_passage(tmp_path):
+def _script(name):
     import importlib.util
+    import sys
 
-    spec = importlib.util.spec_from_file_location("make_sft_demo", str(tokenizer_file().parents[2] / "scripts" / "make_sft_demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    scripts = tokenizer_file().parents[2] / "scripts"
+    sys.path.insert(0, str(scripts))
+    spec = importlib.util.spec_from_file_location(name, str(scripts / f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _chatml_tokenizer(tmp_path):
+    """The embedded tokenizer with a ChatML-style template beside it (``<|endoftext|>`` ends a turn)."""
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_bytes(tokenizer_file().read_bytes())
+    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|endoftext|>"}))
+    return tok_dir / "tokenizer.json"
+
+
+def test_eval_script_loss_equals_the_training_loss_on_the_same_conversations(tmp_path, devices):
+    from jaxlm.interop.chat import load_chat_template
+
+    tok_path = _chatml_tokenizer(tmp_path)
+    lines = [l for l in tokenizer_file().parent.joinpath("shakespeare.txt").read_text().splitlines() if 10 < len(l) < 40]
+    convs = [[{"role": "user", "content": lines[3 * i]}, {"role": "assistant", "content": lines[3 * i + 1]},
+              {"role": "user", "content": "And?"}, {"role": "assistant", "content": lines[3 * i + 2]}] for i in range(20)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    meta = prepare_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "data"), str(tok_path), seq_len=128)
+    assert meta["num_truncated"] == 0
+    cfg = tiny_config("data.seq_len=128")
+    rows = PackedLoader(open_prepared(str(tmp_path / "data"), str(tok_path)), 128, 1, seed=0).num_rows
+    loader = PackedLoader(open_prepared(str(tmp_path / "data"), str(tok_path)), 128, rows, seed=0, shuffle=False)
+    model = build_model(cfg.model, seed=0)
+    trainer = Trainer(cfg.replace(train=dataclasses.replace(cfg.train, batch_size=rows)), make_mesh(MeshConfig(), devices[:1]))
+    want = float(trainer.loss(nnx.state(model), to_global_batch(loader.batch(0), None)))  # every conversation once
+    got = _script("eval_sft").heldout_loss(model, load_chat_template(tok_path), Tokenizer.from_file(str(tok_path)), convs)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_demo_set_holds_out_whole_plays_and_answers_from_the_passage(tmp_path):
+    demo = _script("make_sft_demo")
     demo.main(["--out", str(tmp_path), "--train", "300", "--heldout", "20"])
     rows = {n: [json.loads(l)["messages"] for l in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("train", "heldout")}
     assert len(rows["train"]) == 300 and len(rows["heldout"]) == 20
@@ -252,17 +292,12 @@ def test_sft_step_loss_is_the_masked_cross_entropy_on_one_device_and_fsdp4_tenso
 
 @pytest.mark.slow
 def test_sft_run_resumes_bit_for_bit(tmp_path):
-    tok_dir = tmp_path / "tok"
-    tok_dir.mkdir()
-    (tok_dir / "tokenizer.json").write_bytes(tokenizer_file().read_bytes())
-    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|endoftext|>"}))
+    tok_path = _chatml_tokenizer(tmp_path)
     lines = [l for l in tokenizer_file().parent.joinpath("shakespeare.txt").read_text().splitlines() if len(l) > 20]
     rows = [{"messages": [{"role": "user", "content": lines[2 * i]}, {"role": "assistant", "content": lines[2 * i + 1]}]}
             for i in range(120)]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepare_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "data"), str(tok_dir / "tokenizer.json"))
+    prepare_chat([str(tmp_path / "chats.jsonl")], str(tmp_path / "data"), str(tok_path))
     common = [*MESH_CFG, f"data.path={tmp_path / 'data'}", "data.val_fraction=0.1", "train.eval_batches=1",
               "checkpoint.save_every=100"]
     quiet = lambda _: None  # noqa: E731
