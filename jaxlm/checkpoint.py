@@ -311,6 +311,10 @@ def _restore_step(ckpt: Checkpointer, step: int, mesh: Any):
             mesh = make_mesh(run_mesh)
         except ConfigError:
             mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    if cfg.train.lora.rank > 0:  # base + adapters, merged at load
+        from jaxlm.lora import restore_lora
+
+        return restore_lora(ckpt, step, cfg, mesh), cfg
     graphdef, abstract = abstract_model(cfg.model)
     params, _, _ = ckpt.restore(abstract, state_shardings(abstract, mesh), step=step)
     return nnx.merge(graphdef, params), cfg

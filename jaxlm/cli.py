@@ -5,6 +5,7 @@
     jaxlm serve CHECKPOINT [--host 127.0.0.1 --port 8000 --num-pages N ...]   # OpenAI-style HTTP server
     jaxlm generate --checkpoint DIR --chat --prompt TEXT          # instruct models: the model's chat template
     jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
+    jaxlm convert RUN DST --adapter-only   # a LoRA run's adapters as a PEFT adapter directory
     jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
     jaxlm prepare-data --chat CHATS.jsonl ... --out DIR --tokenizer MODEL/tokenizer/tokenizer.json [--seq-len N]
     jaxlm rules            # print the logical -> mesh sharding table
@@ -111,7 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from jaxlm.interop.convert import convert
 
-    print(convert(args.src, args.dst, dtype=args.dtype))
+    print(convert(args.src, args.dst, dtype=args.dtype, adapter_only=args.adapter_only))
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="Hugging Face model directory, .gguf file, or jaxlm checkpoint directory")
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype written")
+    c.add_argument("--adapter-only", dest="adapter_only", action="store_true",
+                   help="for a LoRA run: write only its adapters, as a PEFT adapter (default: merged weights)")
     c.set_defaults(fn=_convert)
     p = sub.add_parser("prepare-data", help="tokenize .txt/.jsonl files into a directory for data.path")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each) and .jsonl files (one document per line)")

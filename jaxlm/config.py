@@ -87,6 +87,9 @@ class ModelConfig:
     matmul_impl: str = "auto"  # auto | xla | pallas  projections q/k/v/o, gate/up/down (pallas_kernels.dispatch)
     context_impl: str = "all_gather"  # all_gather | ring: attention when mesh.sequence > 1 (sharding.context)
     pipeline_microbatches: PositiveInt = 4  # GPipe microbatches when mesh.stage > 1 (sharding.pipeline)
+    # A pretrained source whose architecture and weights the run starts from (jaxlm.init_from): a Hugging
+    # Face directory, a .gguf file or a jaxlm run / converted checkpoint directory. Empty: random init.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,24 @@ class DataConfig:
     val_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.05
     seed: NonNegativeInt = 0
     loss_on: str = "assistant"  # chat data (prepare-data --chat): assistant | all | last_turn tokens are trained
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv:2106.09685) on the projections; ``rank`` 0 turns them off.
+
+    The update of a projection ``W`` is ``(alpha / rank) * A @ B`` (PEFT's ``scaling = lora_alpha / r``),
+    ``A`` kaiming-uniform and ``B`` zero at the start, so step 0 equals the base model.
+    """
+
+    rank: NonNegativeInt = 0
+    alpha: PositiveFloat = 16.0
+    targets: tuple[str, ...] = ("q", "v")  # any of q, k, v, o, gate, up, down
+    dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0  # on the adapter's input, training only
+    base_dtype: str = ""  # the frozen base model's dtype: float32 | bfloat16 (empty: model.param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +159,7 @@ class TrainConfig:
     loss_scale_init: Annotated[float, Bounds(ge=1)] = 32768.0  # float16 compute only: the first dynamic loss scale
     loss_scale_period: PositiveInt = 200  # float16 compute only: finite steps before the scale doubles
     profile_steps: tuple[int, ...] = ()  # [from, to]: a jax.profiler trace of these steps in <checkpoint.dir>/profile
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # low-rank adapters (jaxlm.lora); off by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +232,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     written as text (``1e-3``, which YAML 1.1 reads as a string) is read as one."""
     typ = _base_type(typ)
     if typing.get_origin(typ) is tuple:
+        if typing.get_args(typ)[0] is str:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config key '{key}' must be a list of names such as [q, v], got {value!r}")
+            return tuple(value)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of whole numbers such as [10, 20], got {value!r}")
         return tuple(value)
@@ -287,11 +315,12 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_bounds(cfg: Config) -> None:
     """Every numeric field against its declared :class:`Bounds`: finite floats, ints up to INT_MAX."""
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
+    sections = [(s.name, getattr(cfg, s.name)) for s in dataclasses.fields(cfg)]
+    sections.append(("train.lora", cfg.train.lora))  # the one nested section
+    for name, values in sections:
         hints = typing.get_type_hints(type(values), include_extras=True)
         for f in dataclasses.fields(values):
-            typ, value, key = hints[f.name], getattr(values, f.name), f"{section.name}.{f.name}"
+            typ, value, key = hints[f.name], getattr(values, f.name), f"{name}.{f.name}"
             base = _base_type(typ)
             if base not in (int, float):
                 continue
@@ -374,7 +403,21 @@ def validate(cfg: Config) -> Config:
                           f"set train.warmup_steps={t.steps} or less, or train more steps")
     if cfg.data.path and cfg.data.text_path:
         raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
+    _check_lora(cfg.train.lora)
     return cfg
+
+
+def _check_lora(lora: LoRAConfig) -> None:
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"config key 'train.lora.targets' has {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+    if lora.rank and not lora.targets:
+        raise ConfigError("train.lora.rank > 0 needs at least one of train.lora.targets (q, k, v, o, gate, up, down)")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"config key 'train.lora.targets' names a projection twice: {list(lora.targets)}")
+    if lora.base_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"config key 'train.lora.base_dtype' is {lora.base_dtype!r}; choose one of float32, bfloat16 "
+                          "(or leave it empty for model.param_dtype)")
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.cache import KVCache, PagedKVCache, update
-from jaxlm.config import ModelConfig
+from jaxlm.config import LoRAConfig, ModelConfig
+from jaxlm.lora import adapters, lora_delta
 from pallas_kernels import attention, cached_attention
 from pallas_kernels.dispatch import gated_mlp_hidden, projection
 from sharding.pipeline import num_stages, pipeline_layers
@@ -89,7 +90,7 @@ def apply_rope(x_BxTxHxD: jax.Array, sin_BxTxF: jax.Array, cos_BxTxF: jax.Array)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         E, H, K, D = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std, pd = cfg.init_std, cfg.param_dtype
         self.wq = _param(rngs, (E, H, D), ("embed", "heads", "head_dim"), std, pd)
@@ -101,13 +102,22 @@ class Attention(nnx.Module):
             self.bk = nnx.Param(jnp.zeros((K, D), jnp.dtype(pd)), out_sharding=("kv_heads", "head_dim"))
             self.bv = nnx.Param(jnp.zeros((K, D), jnp.dtype(pd)), out_sharding=("kv_heads", "head_dim"))
         self.cfg = cfg
+        self.lora = adapters(lora, rngs, {
+            "q": (((E,), ("embed",)), ((H, D), ("heads", "head_dim"))),
+            "k": (((E,), ("embed",)), ((K, D), ("kv_heads", "head_dim"))),
+            "v": (((E,), ("embed",)), ((K, D), ("kv_heads", "head_dim"))),
+            "o": (((H, D), ("heads", "head_dim")), ((E,), ("embed",))),
+        })
 
-    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
+    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv, lora_key=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         mm = cfg.matmul_impl
         q = projection("bte,ehd->bthd", x_BxTxE, self.wq[...].astype(dt), impl=mm)
         k = projection("bte,ehd->bthd", x_BxTxE, self.wk[...].astype(dt), impl=mm)
         v = projection("bte,ehd->bthd", x_BxTxE, self.wv[...].astype(dt), impl=mm)
+        q = lora_delta(self.lora, "q", x_BxTxE, q, lora_key)
+        k = lora_delta(self.lora, "k", x_BxTxE, k, lora_key)
+        v = lora_delta(self.lora, "v", x_BxTxE, v, lora_key)
         if cfg.qkv_bias:
             q, k, v = (a + b[...].astype(dt)[None, None] for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
@@ -123,52 +133,70 @@ class Attention(nnx.Module):
             kv = (update(k_cache, k, positions_BxT, page_table), update(v_cache, v, positions_BxT, page_table))
             out = cached_attention(q, *kv, q_positions=positions_BxT, page_table=page_table, impl=cfg.attention_impl)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
-        return projection("bthd,hde->bte", out, self.wo[...].astype(dt), impl=mm), kv
+        y = projection("bthd,hde->bte", out, self.wo[...].astype(dt), impl=mm)
+        return lora_delta(self.lora, "o", out, y, lora_key), kv
 
 
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(x @ gate) * (x @ up))``."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         E, F, std, pd = cfg.embed_dim, cfg.mlp_dim, cfg.init_std, cfg.param_dtype
         self.w_gate = _param(rngs, (E, F), ("embed", "mlp"), std, pd)
         self.w_up = _param(rngs, (E, F), ("embed", "mlp"), std, pd)
         self.w_down = _param(rngs, (F, E), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5, pd)
         self.dtype = jnp.dtype(cfg.compute_dtype)
         self.impl = cfg.matmul_impl
+        self.lora = adapters(lora, rngs, {
+            "gate": (((E,), ("embed",)), ((F,), ("mlp",))),
+            "up": (((E,), ("embed",)), ((F,), ("mlp",))),
+            "down": (((F,), ("mlp",)), ((E,), ("embed",))),
+        })
 
-    def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxE: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         dt = self.dtype
-        h = gated_mlp_hidden(x_BxTxE, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), impl=self.impl)
+        if self.lora and ("gate" in self.lora or "up" in self.lora):  # adapters change gate/up before the SiLU
+            g = projection("bte,ef->btf", x_BxTxE, self.w_gate[...].astype(dt), impl=self.impl)
+            u = projection("bte,ef->btf", x_BxTxE, self.w_up[...].astype(dt), impl=self.impl)
+            g = lora_delta(self.lora, "gate", x_BxTxE, g, lora_key)
+            u = lora_delta(self.lora, "up", x_BxTxE, u, lora_key)
+            h = jax.nn.silu(g) * u  # as gated_mlp_hidden's XLA path
+        else:
+            h = gated_mlp_hidden(x_BxTxE, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), impl=self.impl)
         h = constrain(h, ("batch", "seq", "act_mlp"))
-        return projection("btf,fe->bte", h, self.w_down[...].astype(dt), impl=self.impl)
+        y = projection("btf,fe->bte", h, self.w_down[...].astype(dt), impl=self.impl)
+        return lora_delta(self.lora, "down", h, y, lora_key)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, lora)
 
-    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv):
-        h, kv = self.attn(self.attn_norm(x_BxTxE), sin, cos, positions_BxT, segment_ids_BxT, kv)
+    def __call__(self, x_BxTxE, sin, cos, positions_BxT, segment_ids_BxT, kv, lora_key=None):
+        h, kv = self.attn(self.attn_norm(x_BxTxE), sin, cos, positions_BxT, segment_ids_BxT, kv, lora_key)
         x = constrain(x_BxTxE + h, ("batch", "seq", "act_embed"))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x), lora_key), ("batch", "seq", "act_embed"))
         return x, kv
 
 
 class Transformer(nnx.Module):
-    """Embedding -> ``num_layers`` pre-norm blocks (stacked on a ``layers`` axis) -> norm -> head."""
+    """Embedding -> ``num_layers`` pre-norm blocks (stacked on a ``layers`` axis) -> norm -> head.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    With ``lora`` (rank > 0) the targeted projections also carry low-rank adapters
+    (:class:`jaxlm.lora.LoRAParam`), which training updates while the rest stays frozen.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std, cfg.param_dtype)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+            return Block(cfg, rngs, lora)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, cfg.param_dtype)
@@ -181,8 +209,12 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         cache: KVCache | PagedKVCache | None = None,
         segment_ids_BxT: jax.Array | None = None,
+        lora_dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
-        """Logits ``[batch, seq, vocab]`` (float32) and the updated cache (None when none given)."""
+        """Logits ``[batch, seq, vocab]`` (float32) and the updated cache (None when none given).
+
+        ``lora_dropout_key`` (training only) draws the adapters' dropout masks, one key per layer.
+        """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         x = constrain(x, ("batch", "seq", "act_embed"))
@@ -191,8 +223,13 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
         aux = (sin, cos, positions_BxT, segment_ids_BxT)  # per-row inputs every layer needs
 
+        # per-layer dropout keys travel with the stacked parameters (scan, loop and pipeline alike)
+        keys = None if lora_dropout_key is None else jax.random.split(lora_dropout_key, cfg.num_layers)
+        stacked = (stacked, keys)
+
         def layer(x, params, aux, kv):
-            return nnx.merge(graphdef, params)(x, *aux, kv)
+            params, key = params
+            return nnx.merge(graphdef, params)(x, *aux, kv, key)
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -31,11 +31,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, tree_checksum
 from jaxlm.config import Config, ConfigError
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.hooks import Hook, default_hooks
 from jaxlm.loop import TrainingDiverged, TrainLoop
+from jaxlm import pretrained
+from jaxlm.lora import LoRAParam, abstract_lora_model, check_base, init_adapters
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
@@ -81,9 +83,13 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax
 
 
 def _loss_sum_fn(graphdef: nnx.GraphDef):
-    def loss_sum(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], batch["positions"], segment_ids_BxT=batch.get("segment_ids"))
+    def loss_sum(
+        params: nnx.State, batch: dict[str, jax.Array], base: nnx.State | None = None, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        # a LoRA run trains the adapters (params) over a frozen base
+        model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+        logits, _ = model(batch["inputs"], batch["positions"], segment_ids_BxT=batch.get("segment_ids"),
+                          lora_dropout_key=dropout_key)
         return cross_entropy_sum(logits, batch["targets"], batch.get("loss_mask"))
 
     return loss_sum
@@ -93,8 +99,8 @@ def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict[str, jax.A
     """``(params, batch) -> mean loss`` over the batch's counted tokens."""
     loss_sum = _loss_sum_fn(graphdef)
 
-    def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
-        total, count = loss_sum(params, batch)
+    def loss_fn(params: nnx.State, batch: dict[str, jax.Array], base: nnx.State | None = None) -> jax.Array:
+        total, count = loss_sum(params, batch, base)
         return total / jnp.maximum(count, 1.0)
 
     return loss_fn
@@ -116,6 +122,7 @@ def make_train_step(
     schedule: optax.Schedule,
     policy: Policy,
     grad_accum_steps: int = 1,
+    dropout_seed: int | None = None,
 ):
     """The pure step: (loss-scaled) gradients accumulated over microbatches, then a guarded update.
 
@@ -124,18 +131,24 @@ def make_train_step(
     lags by the number skipped), ``skipped`` (int32 1 when the update was dropped for a non-finite
     loss or gradient, or because it would have made a parameter or optimizer moment non-finite)
     and ``loss_scale`` (the scale this step used).
+
+    A LoRA step takes the frozen ``base`` as a third argument (``state.params`` holds the adapters);
+    with ``dropout_seed`` the adapters' dropout masks come from ``fold_in(key(dropout_seed), step)``.
     """
     loss_sum = _loss_sum_fn(graphdef)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        state: TrainState, batch: dict[str, jax.Array], base: nnx.State | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         # Each microbatch's summed loss over the whole batch's token count, times the number of
         # microbatches (which the accumulation's mean divides out): the loss and gradient equal
         # the full batch's mean over counted tokens exactly, whatever the loss masks hold.
         norm = grad_accum_steps / _counted_tokens(batch)
 
         def loss_fn(params, mb):
-            return loss_sum(params, mb)[0] * norm
+            return loss_sum(params, mb, base, key)[0] * norm
 
         def scaled_loss(params, mb):
             loss = loss_fn(params, mb)
@@ -196,7 +209,14 @@ class Trainer:
                 f"model.pipeline_microbatches={cfg.model.pipeline_microbatches} times the data-parallel size {batch_axes}"
             )
         self.policy = policy_for(cfg)
-        self.graphdef, abstract = abstract_model(cfg.model)
+        self.lora = cfg.train.lora.rank > 0
+        self.base: nnx.State | None = None  # a LoRA run's frozen base (set_base); params are its adapters
+        self.base_meta: dict | None = None
+        if self.lora:
+            self.graphdef, abstract, abstract_base = abstract_lora_model(cfg.model, cfg.train.lora)
+            self.base_shardings = state_shardings(abstract_base, mesh)
+        else:
+            self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
         self.schedule = learning_rate_schedule(cfg.train)
         self.param_shardings = state_shardings(abstract, mesh)
@@ -206,13 +226,15 @@ class Trainer:
         rep = replicated(mesh)
         self.shardings = TrainState(rep, self.param_shardings, self.opt_shardings, LossScale(rep, rep))
         batch_sharding = logical_sharding(mesh, ("batch", "seq"))
+        base = (self.base_shardings,) if self.lora else ()
+        dropout_seed = cfg.train.seed if self.lora and cfg.train.lora.dropout > 0 else None
         self._step = jax.jit(
-            make_train_step(self.graphdef, self.tx, self.schedule, self.policy, accum),
-            in_shardings=(self.shardings, batch_sharding),
+            make_train_step(self.graphdef, self.tx, self.schedule, self.policy, accum, dropout_seed),
+            in_shardings=(self.shardings, batch_sharding, *base),
             out_shardings=(self.shardings, replicated(mesh)),
             donate_argnums=0,
         )
-        self._loss = jax.jit(make_loss_fn(self.graphdef), in_shardings=(self.param_shardings, batch_sharding))
+        self._loss = jax.jit(make_loss_fn(self.graphdef), in_shardings=(self.param_shardings, batch_sharding, *base))
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
         self._all_finite = jax.jit(lambda params, opt_state: all_finite(params) & all_finite(opt_state))
 
@@ -222,6 +244,16 @@ class Trainer:
             opt_state = self._init_opt(params)
         return TrainState(jax.device_put(jnp.int32(0), replicated(self.mesh)), params, opt_state, self._loss_scale())
 
+    def set_base(self, base: nnx.State, reference: str) -> None:
+        """The frozen base of a LoRA run, placed on the mesh; its reference and checksum go into every save."""
+        self.base = jax.device_put(base, self.base_shardings)
+        self.base_meta = {"reference": reference, "checksum": tree_checksum(self.base)}
+
+    def _base_args(self) -> tuple:
+        if self.lora and self.base is None:
+            raise ValueError("a LoRA trainer needs its frozen base: call set_base first")
+        return (self.base,) if self.lora else ()
+
     def _loss_scale(self, saved: dict | None = None) -> LossScale:
         ls = init_loss_scale(self.policy)
         if saved is not None and self.policy.loss_scaling:
@@ -230,21 +262,23 @@ class Trainer:
 
     def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         with jax.set_mesh(self.mesh):
-            return self._step(state, batch)
+            return self._step(state, batch, *self._base_args())
 
     def lower_step(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
         """The lowered train step, for inspecting compile time and memory."""
         with jax.set_mesh(self.mesh):
-            return self._step.lower(state, batch)
+            return self._step.lower(state, batch, *self._base_args())
 
     def loss(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         with jax.set_mesh(self.mesh):
-            return self._loss(params, batch)
+            return self._loss(params, batch, *self._base_args())
 
     def restore(self, ckpt: Checkpointer, step: int | None = None) -> tuple[TrainState, int]:
         params, opt_state, meta = ckpt.restore(
             self.abstract_params, self.param_shardings, self.abstract_opt_state, self.opt_shardings, step=step
         )
+        if self.lora:
+            check_base(ckpt.directory, meta, self.base_meta)
         step_array = jax.device_put(jnp.int32(meta["step"]), replicated(self.mesh))
         state = TrainState(step_array, params, opt_state, self._loss_scale(meta.get("loss_scale")))
         return state, int(meta["data_position"])
@@ -264,6 +298,8 @@ class Trainer:
             )
         scale, good = jax.device_get((state.loss_scale.scale, state.loss_scale.good_steps))
         extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)}}
+        if self.lora:
+            extra["lora_base"] = self.base_meta
         ckpt.save(step, state.params, state.opt_state, data_position, self.cfg, extra_meta=extra)
 
 
@@ -358,6 +394,24 @@ def _loaders(cfg: Config, splits, say: Callable[[str], None]) -> tuple[PackedLoa
     return sampler, val_sampler
 
 
+def _initial_params(
+    cfg: Config, mesh: Mesh, model: Transformer | None, trainer: Trainer, say: Callable[[str], None]
+) -> nnx.State:
+    """What a run that resumes nothing trains: adapters (LoRA; the model's own when it has them), the given
+    model, the pretrained source's weights, or a fresh init."""
+    if trainer.lora:
+        own = nnx.state(model, LoRAParam) if model is not None else None
+        if own is not None and jax.tree.leaves(own):
+            return own
+        return init_adapters(cfg.model, cfg.train.lora, mesh, cfg.train.seed)
+    if model is not None:
+        return nnx.state(model)
+    if cfg.model.init_from:
+        say(f"initialising from {cfg.model.init_from}")
+        return pretrained.load_pretrained(cfg, mesh)
+    return nnx.state(build_model(cfg.model, mesh, seed=cfg.train.seed))
+
+
 def train(
     cfg: Config,
     model: Transformer | None = None,
@@ -376,9 +430,19 @@ def train(
     with several processes all stop after the same step. Too many non-finite steps in a row
     raise :class:`TrainingDiverged`. ``hooks`` (:class:`jaxlm.hooks.Hook`) run after the
     built-in ones (:func:`jaxlm.hooks.default_hooks`).
+
+    ``cfg.model.init_from`` starts from a pretrained model (:mod:`jaxlm.pretrained`: its architecture,
+    weights read onto ``mesh``, tokenizer copied into the run); a run that has saved a checkpoint
+    resumes from it and never reads the source's weights again. With ``cfg.train.lora.rank > 0``
+    only low-rank adapters train (:mod:`jaxlm.lora`) over a frozen base: ``model``, else
+    ``model.init_from``, else a random init; the returned model carries the adapters unmerged.
     """
+    if model is not None and cfg.model.init_from:
+        raise ConfigError("pass a model to jaxlm.train or set model.init_from, not both")
+    cfg = pretrained.resolve_init_from(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     _check_fits(cfg, mesh)
+    cfg = pretrained.place_tokenizer(cfg, cfg.checkpoint.dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(
@@ -388,6 +452,8 @@ def train(
     trainer = Trainer(cfg, mesh)
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda _: None)
+    if trainer.lora:
+        trainer.set_base(pretrained.load_base(cfg, mesh, model), pretrained.base_reference(cfg, model is not None))
     if num_stages(mesh) > 1:
         P, M = num_stages(mesh), cfg.model.pipeline_microbatches
         say(f"pipeline: {P} stages x {M} microbatches, bubble {bubble_fraction(P, M):.0%} of stage time")
@@ -398,9 +464,7 @@ def train(
         state, position = resumed
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     else:
-        if model is None:
-            model = build_model(cfg.model, mesh, seed=cfg.train.seed)
-        state, position = trainer.init_state(nnx.state(model)), 0
+        state, position = trainer.init_state(_initial_params(cfg, mesh, model, trainer, say)), 0
 
     t = cfg.train
     sampler, val_sampler = _loaders(cfg, splits, say)
@@ -420,7 +484,8 @@ def train(
     val_after = float("nan") if stopped else evaluate(loop.state.params)
     if not stopped:
         say(f"validation loss after:  {val_after:.4f}")
+    final = (loop.state.params, trainer.base) if trainer.lora else (loop.state.params,)
     return TrainResult(
-        nnx.merge(trainer.graphdef, loop.state.params), loop.history, val_before, val_after,
+        nnx.merge(trainer.graphdef, *final), loop.history, val_before, val_after,
         stopped_by=stopped, skipped_steps=tuple(loop.skipped),
     )

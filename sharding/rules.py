@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,  # RMSNorm scales are tiny: replicate
+    "lora_rank": None,  # LoRA adapters: the rank is small; the other axis follows the adapted weight
     "layers": "stage",  # the stacked layer axis: pipeline stages hold consecutive layers
     # KV cache [layers, batch, cache_seq, kv_heads, head_dim]
     "cache_seq": None,

@@ -4,7 +4,9 @@
   checkpoint directory (params-only, step 0) that ``jaxlm generate --checkpoint DST`` reads. The
   tokenizer, chat template and ``generation_config.json`` (the EOS set, :mod:`jaxlm.interop.eos`)
   go into ``DST/tokenizer/``.
-* SRC a jaxlm checkpoint directory -> DST a Hugging Face directory (``to_hf``).
+* SRC a jaxlm checkpoint directory -> DST a Hugging Face directory (``to_hf``); a LoRA run's
+  adapters are merged into the weights, or with ``adapter_only`` written alone as a PEFT adapter
+  (:mod:`jaxlm.interop.peft`).
 """
 
 from __future__ import annotations
@@ -44,9 +46,18 @@ def save_imported(model: Transformer, cfg: Config, dst: pathlib.Path) -> None:
         ckpt.close()
 
 
-def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "float32") -> str:
+def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "float32", adapter_only: bool = False) -> str:
     """Convert ``src`` into ``dst`` (direction from what ``src`` is). Returns a one-line summary."""
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
+    if adapter_only:
+        if not _is_checkpoint(src):
+            raise ConfigError(f"--adapter-only exports a LoRA run; '{src}' is not a jaxlm run directory")
+        from jaxlm.interop.peft import to_peft
+        from jaxlm.lora import restore_adapters
+
+        adapters, cfg = restore_adapters(src)
+        to_peft(adapters, cfg, dst)
+        return f"PEFT adapter written to {dst}"
     if _is_checkpoint(src):
         model, cfg = restore(src)
         to_hf(model, cfg, dst, dtype=dtype)

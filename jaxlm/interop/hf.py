@@ -160,12 +160,11 @@ def _mesh_config(mesh: Mesh | None) -> MeshConfig:
     return MeshConfig(**{k: int(shape.get(k, 1)) for k in ("stage", "data", "fsdp", "sequence", "tensor")})
 
 
-def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = "float32") -> tuple[Transformer, Config]:
-    """Load a Hugging Face Llama/Mistral/Qwen2 directory. Returns ``(model, config)``.
-
-    ``dtype`` is both the parameter and the compute dtype (``float32`` or ``bfloat16``). The
-    config's ``data.tokenizer_path`` points at the directory's ``tokenizer.json`` when it has one.
-    """
+def hf_model_config(
+    path: str | pathlib.Path, *, dtype: str = "float32", stacklevel: int = 2
+) -> tuple[ModelConfig, dict[str, pathlib.Path]]:
+    """The :class:`ModelConfig` of a Hugging Face directory and its tensor -> file map, reading no weights
+    (but the ``lm_head`` and embedding rows when they must be compared to decide tying)."""
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"'{path}' has no config.json; point to a Hugging Face model directory")
@@ -176,13 +175,24 @@ def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = 
         warnings.warn(  # transformers >= 5 does the same: it unties them rather than drop the tensor
             f"'{path}': tensor lm_head.weight differs from {EMBED} although tie_word_embeddings is true; "
             "loading it as a separate output layer, as transformers does",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
     unused = sorted(set(files) - set(hf_tensor_names(model_cfg)) - _ignored_buffers(files))
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-        warnings.warn(f"'{path}': tensors the model does not use: {', '.join(unused[:3])}{more}", stacklevel=2)
+        warnings.warn(f"'{path}': tensors the model does not use: {', '.join(unused[:3])}{more}", stacklevel=stacklevel)
+    return model_cfg, files
+
+
+def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = "float32") -> tuple[Transformer, Config]:
+    """Load a Hugging Face Llama/Mistral/Qwen2 directory. Returns ``(model, config)``.
+
+    ``dtype`` is both the parameter and the compute dtype (``float32`` or ``bfloat16``). The
+    config's ``data.tokenizer_path`` points at the directory's ``tokenizer.json`` when it has one.
+    """
+    path = pathlib.Path(path)
+    model_cfg, files = hf_model_config(path, dtype=dtype, stacklevel=3)
     tokenizer = path / "tokenizer.json"
     cfg = validate(Config(
         model=model_cfg, mesh=_mesh_config(mesh),
