@@ -55,9 +55,10 @@ demo-real: $(STAMP)
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
 
-# Fine-tune SmolLM2-135M-Instruct (the GGUF above) to name who speaks a line of a play: build the set
-# from the embedded corpus (held-out plays), convert the model, prepare the chat data, print held-out
-# exact match and loss before and after fine-tuning, then ask held-out questions with `generate --chat`.
+# LoRA fine-tune SmolLM2-135M-Instruct (the GGUF above) to name who speaks a line of a play: build the
+# set from the embedded corpus (held-out plays), convert the model (its tokenizer and template serve
+# prepare-data), print held-out exact match and loss before, train from it (model.init_from), print
+# them after, then ask three held-out questions through `jaxlm generate --chat`.
 SFT    ?= runs/sft-$(shell date +%Y%m%d-%H%M%S)
 SFT    := $(SFT)
 ONE    := XLA_FLAGS=--xla_force_host_platform_device_count=1
@@ -66,11 +67,14 @@ demo-finetune: $(STAMP)
 	$(ONE) $(BIN)/jaxlm convert $(SMOLLM2) $(SFT)/base
 	$(ONE) $(BIN)/jaxlm prepare-data --chat $(SFT)/set/train.jsonl --out $(SFT)/data \
 		--tokenizer $(SFT)/base/tokenizer/tokenizer.json --seq-len 128
-	$(ONE) $(BIN)/python scripts/finetune_sft.py configs/sft_demo.yaml --base $(SFT)/base --out $(SFT)/tuned \
-		data.path=$(SFT)/data --eval $(SFT)/set/heldout.jsonl --show 4
-	$(ONE) $(BIN)/python -c "import json; [print(json.loads(l)['messages'][0]['content'], end='\0') for l in open('$(SFT)/set/heldout.jsonl').readlines()[-3:]]" \
-		| xargs -0 sh -c '$(ONE) $(BIN)/jaxlm generate --checkpoint $(SFT)/tuned --chat --temperature 0 --max-new-tokens 8 \
-			--prompt "$$1" --prompt "$$2" --prompt "$$3"' _
+	$(ONE) $(BIN)/python scripts/eval_sft.py --checkpoint $(SFT)/base --data $(SFT)/set/heldout.jsonl --show 3 \
+		--label "before: " --json $(SFT)/before.json
+	$(ONE) $(BIN)/jaxlm train configs/sft_demo.yaml model.init_from=$(SFT)/base data.path=$(SFT)/data \
+		data.tokenizer_path=$(SFT)/base/tokenizer/tokenizer.json checkpoint.dir=$(SFT)/tuned
+	$(ONE) $(BIN)/python scripts/eval_sft.py --checkpoint $(SFT)/tuned --data $(SFT)/set/heldout.jsonl --show 3 \
+		--label "after:  " --json $(SFT)/after.json
+	$(ONE) $(BIN)/python scripts/make_sft_demo.py --out $(SFT)/set --print-questions 3 | xargs -0 sh -c \
+		'$(ONE) $(BIN)/jaxlm generate --checkpoint $(SFT)/tuned --chat --temperature 0 --max-new-tokens 8 --prompt "$$1" --prompt "$$2" --prompt "$$3"' _
 
 TEST_WORKERS ?= 2
 test: $(STAMP) $(GPU_STAMP)

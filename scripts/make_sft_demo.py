@@ -11,6 +11,7 @@ The plays are split by play, not by example: the held-out file comes from plays 
 never shows (``--heldout-plays``), so held-out accuracy measures the skill, not memory.
 
     python scripts/make_sft_demo.py --out runs/sft-demo     # writes train.jsonl and heldout.jsonl
+    python scripts/make_sft_demo.py --out runs/sft-demo --print-questions 3 | xargs -0 ...   # questions to ask
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=3, help="speeches per passage")
     ap.add_argument("--max-words", type=int, default=10, help="words kept of each speech's first line")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--print-questions", dest="print_questions", type=int, default=0,
+                    help="only print the first N held-out questions of --out, NUL-separated (for xargs -0)")
     args = ap.parse_args(argv)
+    if args.print_questions:
+        rows = (pathlib.Path(args.out) / "heldout.jsonl").read_text().splitlines()[: args.print_questions]
+        print("\0".join(json.loads(r)["messages"][0]["content"] for r in rows), end="")
+        return
     rng = random.Random(args.seed)
     held = {p.strip() for p in args.heldout_plays.split(",")}
     items = speeches(load_text())
