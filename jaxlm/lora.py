@@ -14,15 +14,12 @@ adapters from the frozen base; :func:`merge` folds them into the weights.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxlm.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig
@@ -83,10 +80,6 @@ def lora_delta(table: dict[str, LoRA] | None, target: str, x: jax.Array, y: jax.
     if key is not None:
         key = jax.random.fold_in(key, LORA_TARGETS.index(target))
     return y + table[target](x, key).astype(y.dtype)
-
-
-def enabled(cfg: LoRAConfig) -> bool:
-    return cfg.rank > 0
 
 
 def abstract_lora_model(model_cfg: ModelConfig, lora: LoRAConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

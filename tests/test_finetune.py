@@ -292,3 +292,24 @@ def test_a_lora_run_exports_a_peft_adapter_and_merged_weights_that_transformers_
     assert np.abs(peft_logits - base_logits).max() > 1e-2  # the adapters changed the model
     np.testing.assert_allclose(got, peft_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(merged_logits, peft_logits, atol=1e-4, rtol=0)
+
+
+def test_a_bfloat16_base_is_stored_in_bfloat16_under_float32_adapters():
+    from jaxlm.data import to_global_batch
+    from jaxlm.train import Trainer
+    from tests.conftest import batches_and_params
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_config(*LORA, f"train.lora.base_dtype={dtype}", "mesh.fsdp=1")
+        mesh = _mesh("single")
+        (batch,), _ = batches_and_params(cfg, 1)
+        trainer = Trainer(cfg, mesh)
+        trainer.set_base(pretrained.load_base(cfg, mesh), "test")
+        assert {x.dtype for x in jax.tree.leaves(trainer.base)} == {jnp.dtype(dtype)}
+        state = trainer.init_state(init_adapters(cfg.model, cfg.train.lora, mesh, seed=0))
+        assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+        losses[dtype] = float(trainer.step(state, to_global_batch(batch, mesh))[1]["loss"])
+    # the same random base (train.seed) rounded to bfloat16: the loss moves by rounding only
+    assert losses["bfloat16"] != losses["float32"]
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
