@@ -17,7 +17,7 @@ export XLA_FLAGS := --xla_force_host_platform_device_count=$(HOST_DEVICES) $(XLA
 SECONDARY := py312-jax0.11 py312-jax0.12
 PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 
-.PHONY: demo demo-real test install gpu-compile bench clean $(SECONDARY:%=install-%) $(SECONDARY:%=test-%)
+.PHONY: demo demo-real demo-finetune test install gpu-compile bench clean $(SECONDARY:%=install-%) $(SECONDARY:%=test-%)
 .PRECIOUS: .venv-%/.installed
 
 install: $(STAMP) $(GPU_STAMP)
@@ -54,6 +54,27 @@ demo-real: $(STAMP)
 		--prompt "What is the capital of France?" --prompt "Write a short poem about the sea." \
 		--temperature 0 --max-new-tokens 96
 	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(BIN)/python benchmarks/real_model.py
+
+# LoRA fine-tune SmolLM2-135M-Instruct (the GGUF above) to name who speaks a line of a play: build the
+# set from the embedded corpus (held-out plays), convert the model (its tokenizer and template serve
+# prepare-data), print held-out exact match and loss before, train from it (model.init_from), print
+# them after, then ask three held-out questions through `jaxlm generate --chat`.
+SFT    ?= runs/sft-$(shell date +%Y%m%d-%H%M%S)
+SFT    := $(SFT)
+ONE    := XLA_FLAGS=--xla_force_host_platform_device_count=1
+demo-finetune: $(STAMP)
+	$(ONE) $(BIN)/python scripts/make_sft_demo.py --out $(SFT)/set
+	$(ONE) $(BIN)/jaxlm convert $(SMOLLM2) $(SFT)/base
+	$(ONE) $(BIN)/jaxlm prepare-data --chat $(SFT)/set/train.jsonl --out $(SFT)/data \
+		--tokenizer $(SFT)/base/tokenizer/tokenizer.json --seq-len 128
+	$(ONE) $(BIN)/python scripts/eval_sft.py --checkpoint $(SFT)/base --data $(SFT)/set/heldout.jsonl --show 3 \
+		--label "before: " --json $(SFT)/before.json
+	$(ONE) $(BIN)/jaxlm train configs/sft_demo.yaml model.init_from=$(SFT)/base data.path=$(SFT)/data \
+		data.tokenizer_path=$(SFT)/base/tokenizer/tokenizer.json checkpoint.dir=$(SFT)/tuned
+	$(ONE) $(BIN)/python scripts/eval_sft.py --checkpoint $(SFT)/tuned --data $(SFT)/set/heldout.jsonl --show 3 \
+		--label "after:  " --json $(SFT)/after.json
+	$(ONE) $(BIN)/python scripts/make_sft_demo.py --out $(SFT)/set --print-questions 3 | xargs -0 sh -c \
+		'$(ONE) $(BIN)/jaxlm generate --checkpoint $(SFT)/tuned --chat --temperature 0 --max-new-tokens 8 --prompt "$$1" --prompt "$$2" --prompt "$$3"' _
 
 TEST_WORKERS ?= 2
 test: $(STAMP) $(GPU_STAMP)

@@ -7,6 +7,7 @@
     jaxlm convert SRC DST  # Hugging Face dir / .gguf -> jaxlm checkpoint, or jaxlm checkpoint -> Hugging Face dir
     jaxlm convert RUN DST --adapter-only   # a LoRA run's adapters as a PEFT adapter directory
     jaxlm prepare-data INPUT.txt|INPUT.jsonl ... --out DIR [--tokenizer PATH] [--text-field text]
+    jaxlm prepare-data --chat CHATS.jsonl ... --out DIR --tokenizer MODEL/tokenizer/tokenizer.json [--seq-len N]
     jaxlm rules            # print the logical -> mesh sharding table
     jaxlm plan CONFIG [overrides ...] --target h100|h200|a100 --topology HOSTSxGPUS [--json PATH]
     jaxlm kernels CONFIG [section.key=value ...] [--target h100|h200|a100|cpu]   # what each call runs, and why
@@ -116,8 +117,14 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
-    from jaxlm.prepare import prepare_data
+    from jaxlm.prepare import prepare_chat, prepare_data
 
+    if args.chat:
+        meta = prepare_chat(args.inputs, args.out, tokenizer_path=args.tokenizer, seq_len=args.seq_len)
+        print(f"{args.out}: {meta['num_docs']} conversations, {meta['num_tokens']} tokens ({meta['dtype']}), "
+              f"{meta['num_assistant_tokens']} of them the assistant's; {meta['num_truncated']} longer than "
+              f"--seq-len+1={args.seq_len + 1} tokens kept their start and lost the rest")
+        return
     meta = prepare_data(args.inputs, args.out, tokenizer_path=args.tokenizer, text_field=args.text_field,
                         encoding_errors=args.encoding_errors)
     print(f"{args.out}: {meta['num_tokens']} tokens ({meta['dtype']}) in {meta['num_docs']} documents")
@@ -304,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", dest="text_field", default="text", help="JSONL field holding the text")
     p.add_argument("--encoding-errors", dest="encoding_errors", default="strict", choices=("strict", "replace", "ignore"),
                    help="input bytes that are not UTF-8: stop (strict), replace with U+FFFD, or ignore them")
+    p.add_argument("--chat", action="store_true",
+                   help="inputs are JSONL conversations ('messages', or 'prompt'/'completion'), rendered with the chat "
+                        "template beside --tokenizer; stores which tokens are the assistant's (data.loss_on)")
+    p.add_argument("--seq-len", dest="seq_len", type=_positive_int, default=2048,
+                   help="--chat: a conversation longer than this + 1 tokens keeps its start (default 2048)")
     p.set_defaults(fn=_prepare_data)
     r = sub.add_parser("rules", help="print the logical-axis -> mesh-axis sharding table")
     r.set_defaults(fn=_rules)

@@ -113,6 +113,7 @@ class DataConfig:
     seq_len: Annotated[int, Bounds(ge=2)] = 128
     val_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.05
     seed: NonNegativeInt = 0
+    loss_on: str = "assistant"  # chat data (prepare-data --chat): assistant | all | last_turn tokens are trained
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
@@ -207,6 +208,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.matmul_impl": ("auto", "xla", "pallas"),
     "model.context_impl": ("all_gather", "ring"),
     "model.rope_scaling": ("none", "llama3"),
+    "data.loss_on": ("assistant", "all", "last_turn"),
 }
 
 

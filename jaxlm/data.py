@@ -19,6 +19,14 @@ integer: the number of batches consumed. Rows pack documents back to back; every
 * ``loss_mask``    - 0 where the target token starts a different document than its input token
   (nothing learns to predict across a document boundary), else 1.
 
+A stream of chat conversations (``jaxlm prepare-data --chat``) also carries one label per token
+(:mod:`jaxlm.sft`); its rows hold whole conversations instead: packed greedily in order, as many
+as fit in ``seq_len + 1`` tokens, the rest of the row padded (its own segment, never trained). A
+conversation longer than ``seq_len + 1`` keeps its first ``seq_len + 1`` tokens and fills a row
+alone. The loss mask is then 1 only where the *target* token is one ``data.loss_on`` trains (by
+default the assistant's) and belongs to the same conversation as the input token. The split into
+train and validation falls on a conversation boundary.
+
 :func:`to_global_batch` places a batch on the mesh computing only the rows the calling
 process's devices hold, reading only their tokens from the memory map.
 """
@@ -107,6 +115,7 @@ class TokenStream:
 
     tokens: np.ndarray
     doc_starts: np.ndarray
+    labels: np.ndarray | None = None  # uint8 [n], chat streams only: 0 other, 1 assistant, 2 last assistant turn
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -118,9 +127,10 @@ class TokenStream:
     def split_at(self, n: int) -> tuple["TokenStream", "TokenStream"]:
         """Tokens ``[:n]`` and ``[n:]``; a document cut by ``n`` restarts as the tail's first."""
         starts = np.asarray(self.doc_starts)
-        head = TokenStream(self.tokens[:n], starts[starts < n])
+        labels = (None, None) if self.labels is None else (self.labels[:n], self.labels[n:])
+        head = TokenStream(self.tokens[:n], starts[starts < n], labels[0])
         tail_starts = np.unique(np.concatenate([[0], starts[starts >= n] - n])).astype(np.int64)
-        return head, TokenStream(self.tokens[n:], tail_starts)
+        return head, TokenStream(self.tokens[n:], tail_starts, labels[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +172,13 @@ def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
     if starts.shape != (n_docs,) or n_docs == 0 or starts[0] != 0:
         raise DataError(f"'{docs_path}' does not hold {n_docs} document starts from 0; prepare the data again")
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
-    return TokenStream(tokens, starts)
+    labels = None
+    if meta.get("labels"):
+        labels_path = d / str(meta["labels"])
+        if not labels_path.is_file() or labels_path.stat().st_size != n_tokens:
+            raise DataError(f"'{labels_path}' is missing or not {n_tokens} uint8 labels long; prepare the data again")
+        labels = np.memmap(labels_path, dtype=np.uint8, mode="r", shape=(n_tokens,))
+    return TokenStream(tokens, starts, labels)
 
 
 def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:
@@ -178,6 +194,13 @@ def load_splits(cfg: DataConfig, tokenizer: Tokenizer) -> TokenSplits:
     stream = load_stream(cfg, tokenizer)
     n = len(stream)
     n_val = int(n * cfg.val_fraction)
+    if stream.labels is not None:  # whole conversations on each side: the first one starting in the held-out tail
+        starts = np.asarray(stream.doc_starts)
+        cut = int(starts[min(np.searchsorted(starts, n - n_val), len(starts) - 1)])
+        if cut == 0:
+            raise ConfigError(f"the data holds {len(starts)} conversation(s): too few to hold out "
+                              f"data.val_fraction={cfg.val_fraction} of them; add conversations")
+        return TokenSplits(*stream.split_at(cut))
     if n_val < cfg.seq_len + 1 or n - n_val < cfg.seq_len + 1:
         raise ConfigError(
             f"the corpus has {n} tokens: too few for data.seq_len={cfg.seq_len} "
@@ -210,16 +233,75 @@ def pack_rows(stream: TokenStream, row_ids: np.ndarray, seq_len: int) -> dict[st
     }
 
 
-class PackedLoader:
-    """Global batch ``i`` of ``[batch_size, seq_len]`` packed rows, a pure function of (seed, i)."""
+def pack_conversations(doc_starts: np.ndarray, num_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_bounds [rows + 1], lengths [docs])``: row ``r`` holds documents ``row_bounds[r]`` to
+    ``row_bounds[r + 1] - 1``, packed greedily in order into ``seq_len + 1`` tokens; ``lengths`` are the
+    documents' lengths after truncation to ``seq_len + 1`` (keep the start)."""
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    lengths = np.minimum(np.diff(np.append(starts, num_tokens)), seq_len + 1)
+    bounds, used = [0], 0
+    for d, n in enumerate(lengths.tolist()):
+        if used + n > seq_len + 1:
+            bounds.append(d)
+            used = 0
+        used += n
+    bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64), lengths
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, shuffle: bool = True):
+
+def pack_chat_rows(
+    stream: TokenStream, row_bounds: np.ndarray, lengths: np.ndarray, row_ids: np.ndarray, seq_len: int, loss_on: str
+) -> dict[str, np.ndarray]:
+    """Rows ``row_ids`` of whole conversations (:func:`pack_conversations`), as :func:`pack_rows`
+    returns them, with the loss mask on the targets ``loss_on`` trains (:func:`jaxlm.sft.trained`)."""
+    from jaxlm.sft import trained
+
+    R, L1 = len(row_ids), seq_len + 1
+    window = np.zeros((R, L1), np.int32)
+    position = np.zeros((R, L1), np.int32)
+    segment = np.zeros((R, L1), np.int32)
+    keep = np.zeros((R, L1), bool)
+    for i, r in enumerate(np.asarray(row_ids, dtype=np.int64)):
+        at = 0
+        for seg, d in enumerate(range(int(row_bounds[r]), int(row_bounds[r + 1]))):
+            s, n = int(stream.doc_starts[d]), int(lengths[d])
+            window[i, at : at + n] = stream.tokens[s : s + n]
+            keep[i, at : at + n] = trained(np.asarray(stream.labels[s : s + n]), loss_on)
+            position[i, at : at + n] = np.arange(n)
+            segment[i, at : at + n] = seg
+            at += n
+        position[i, at:] = np.arange(L1 - at)  # padding: one more segment, never trained
+        segment[i, at:] = int(row_bounds[r + 1] - row_bounds[r])
+    return {
+        "inputs": window[:, :-1],
+        "targets": window[:, 1:],
+        "positions": position[:, :-1],
+        "segment_ids": segment[:, :-1],
+        "loss_mask": ((segment[:, 1:] == segment[:, :-1]) & keep[:, 1:]).astype(np.float32),
+    }
+
+
+class PackedLoader:
+    """Global batch ``i`` of ``[batch_size, seq_len]`` packed rows, a pure function of (seed, i).
+
+    ``loss_on`` (``data.loss_on``) applies to chat streams (those with labels) only.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                 loss_on: str = "assistant"):
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
-        self.seed, self.shuffle = seed, shuffle
-        self.num_rows = (len(stream) - 1) // seq_len
+        self.seed, self.shuffle, self.loss_on = seed, shuffle, loss_on
+        self.num_truncated = 0  # chat streams: conversations longer than seq_len + 1 (their start is kept)
+        if stream.labels is not None:
+            self._rows, self._lengths = pack_conversations(stream.doc_starts, len(stream), seq_len)
+            self.num_rows = len(self._rows) - 1
+            self.num_truncated = int(np.sum(np.diff(np.append(stream.doc_starts, len(stream))) > seq_len + 1))
+        else:
+            self.num_rows = (len(stream) - 1) // seq_len
         if self.num_rows < 1:
             raise ConfigError(f"a stream of {len(stream)} tokens holds no row of data.seq_len+1={seq_len + 1} tokens")
-        self.keys = ("inputs", "targets", "positions", "loss_mask") + (("segment_ids",) if stream.num_docs > 1 else ())
+        many = stream.num_docs > 1 or stream.labels is not None
+        self.keys = ("inputs", "targets", "positions", "loss_mask") + (("segment_ids",) if many else ())
         self._perm_epoch, self._perm = -1, np.arange(self.num_rows)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -236,7 +318,11 @@ class PackedLoader:
 
     def rows(self, index: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """Host arrays ``[k, seq_len]`` (keys ``self.keys``) of rows ``rows`` of global batch ``index``."""
-        packed = pack_rows(self.stream, self.row_ids(index, rows), self.seq_len)
+        if self.stream.labels is not None:
+            packed = pack_chat_rows(self.stream, self._rows, self._lengths, self.row_ids(index, rows), self.seq_len,
+                                    self.loss_on)
+        else:
+            packed = pack_rows(self.stream, self.row_ids(index, rows), self.seq_len)
         return {k: packed[k] for k in self.keys}
 
     def batch(self, index: int) -> "BatchRef":

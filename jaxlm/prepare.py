@@ -7,6 +7,12 @@ holds the int64 start offset of every document and ``DIR/meta.json`` describes b
 
     prepare_data(["a.txt", "b.jsonl"], "data/mine")   # then train with data.path=data/mine
 
+With ``--chat`` (:func:`prepare_chat`) the inputs are JSONL conversations (:mod:`jaxlm.sft`): each is
+rendered with the model's chat template found beside ``--tokenizer``, one document per
+conversation, and ``DIR/labels.bin`` holds one uint8 assistant label per token (``data.loss_on``
+reads it). A conversation longer than ``--seq-len + 1`` tokens keeps its first ``seq_len + 1``
+tokens and drops the rest; how many were cut is printed and kept in meta.json (``num_truncated``).
+
 Documents are read and tokenized a batch at a time and written as they come, so memory holds one
 batch of text plus the document offsets. Everything is written under a temporary name next to
 ``DIR`` and renamed into place at the end; an existing ``DIR`` is refused, never overwritten.
@@ -95,16 +101,8 @@ def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def prepare_data(
-    inputs: list[str], out: str, tokenizer_path: str = "", text_field: str = "text", encoding_errors: str = "strict"
-) -> dict:
-    """Tokenize ``inputs`` into the directory ``out`` (which must not exist). Returns its meta.json.
-
-    ``encoding_errors`` (``strict`` | ``replace`` | ``ignore``) handles input bytes that are not
-    UTF-8. Raises ConfigError for a bad argument or an ``out`` that cannot be created, DataError
-    for input that cannot be read; nothing is left behind either way.
-    """
-    out_dir = pathlib.Path(out)
+def _check_paths(out_dir: pathlib.Path, inputs: list[str]) -> None:
+    """ConfigError, before any work, when ``out_dir`` exists or cannot be made, or an input is missing."""
     if out_dir.exists():
         raise ConfigError(f"output directory '{out_dir}' already exists; choose a new --out (nothing was written)")
     if not inputs:
@@ -115,12 +113,10 @@ def prepare_data(
     for name in inputs:  # every input checked before any work
         if not pathlib.Path(name).is_file():
             raise ConfigError(f"input '{name}' does not exist" + (" (it is a directory)" if pathlib.Path(name).is_dir() else ""))
-    tokenizer = load_tokenizer(tokenizer_path)
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise ConfigError(f"the tokenizer has no '{EOS_TOKEN}' token to end documents with; add it to the tokenizer")
-    vocab = tokenizer.get_vocab_size()
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+
+
+def _make_tmp(out_dir: pathlib.Path) -> pathlib.Path:
+    """The temporary directory next to ``out_dir`` that is renamed to it at the end."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +124,97 @@ def prepare_data(
         tmp.mkdir()
     except OSError as e:
         raise ConfigError(f"cannot create --out '{out_dir}': {e.strerror or e}; choose a writable location") from None
+    return tmp
+
+
+def prepare_chat(inputs: list[str], out: str, tokenizer_path: str, seq_len: int = 2048) -> dict:
+    """Render and tokenize the JSONL conversations of ``inputs`` into the directory ``out``. Returns its meta.json.
+
+    ``tokenizer_path`` is the model's ``tokenizer.json``; its chat template is read beside it
+    (``tokenizer_config.json`` or ``chat_template.jinja``, as ``jaxlm convert`` writes them).
+    Conversations longer than ``seq_len + 1`` tokens keep their first ``seq_len + 1`` tokens.
+    Raises ConfigError for a bad argument or a tokenizer without a chat template, DataError naming
+    ``file:line`` for a bad row; nothing is left behind either way.
+    """
+    from jaxlm.interop.chat import load_chat_template
+    from jaxlm.sft import LAST_ASSISTANT, encode_conversation, iter_conversations
+
+    out_dir = pathlib.Path(out)
+    _check_paths(out_dir, inputs)
+    if not tokenizer_path:
+        raise ConfigError("--chat needs --tokenizer: the model's tokenizer.json, with its chat template beside it")
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len {seq_len} must be positive")
+    for name in inputs:
+        if pathlib.Path(name).suffix != ".jsonl":
+            raise ConfigError(f"input '{name}' is not .jsonl; --chat reads JSONL rows with 'messages' or 'prompt'/'completion'")
+    tokenizer = load_tokenizer(tokenizer_path)
+    template = load_chat_template(tokenizer_path)
+    if template is None:
+        raise ConfigError(f"no chat template beside '{tokenizer_path}' (tokenizer_config.json or chat_template.jinja); "
+                          "--chat needs the model's template")
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+    tmp = _make_tmp(out_dir)
+    try:
+        starts = array.array("q")
+        n_tokens = n_truncated = n_assistant = 0
+        with (tmp / "tokens.bin").open("wb") as f, (tmp / "labels.bin").open("wb") as g:
+            for name in inputs:
+                for where, messages in iter_conversations(pathlib.Path(name)):
+                    ids, labels = encode_conversation(template, tokenizer, messages, where)
+                    if len(ids) > seq_len + 1:  # keep the start, drop the rest
+                        ids, labels = ids[: seq_len + 1], labels[: seq_len + 1]
+                        n_truncated += 1
+                    starts.append(n_tokens)
+                    n_tokens += len(ids)
+                    n_assistant += int(np.count_nonzero(labels))
+                    f.write(ids.astype(dtype).tobytes())
+                    g.write(labels.tobytes())
+        if not starts:
+            raise ConfigError("the inputs hold no conversation; nothing to prepare")
+        np.save(tmp / "docs.npy", np.frombuffer(starts, dtype=np.int64))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": vocab,
+            "num_tokens": n_tokens,
+            "num_docs": len(starts),
+            "eos_id": tokenizer.token_to_id(EOS_TOKEN),
+            "tokenizer": tokenizer_path,
+            "tokenizer_sha256": tokenizer_hash(tokenizer_path),
+            "labels": "labels.bin",  # uint8 per token: 0 other, 1 assistant, 2 last assistant turn
+            "seq_len": seq_len,
+            "num_truncated": n_truncated,
+            "num_assistant_tokens": n_assistant,
+            "max_label": LAST_ASSISTANT,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def prepare_data(
+    inputs: list[str], out: str, tokenizer_path: str = "", text_field: str = "text", encoding_errors: str = "strict"
+) -> dict:
+    """Tokenize ``inputs`` into the directory ``out`` (which must not exist). Returns its meta.json.
+
+    ``encoding_errors`` (``strict`` | ``replace`` | ``ignore``) handles input bytes that are not
+    UTF-8. Raises ConfigError for a bad argument or an ``out`` that cannot be created, DataError
+    for input that cannot be read; nothing is left behind either way.
+    """
+    out_dir = pathlib.Path(out)
+    _check_paths(out_dir, inputs)
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ConfigError(f"the tokenizer has no '{EOS_TOKEN}' token to end documents with; add it to the tokenizer")
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+    tmp = _make_tmp(out_dir)
     try:
         starts = array.array("q")  # 8 bytes a document
         n_tokens = 0

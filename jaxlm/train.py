@@ -383,6 +383,17 @@ def _check_fits(cfg: Config, mesh: Mesh) -> None:
         )
 
 
+def _loaders(cfg: Config, splits, say: Callable[[str], None]) -> tuple[PackedLoader, PackedLoader]:
+    """The train and validation loaders; says how many chat conversations ``data.seq_len`` cuts."""
+    t, d = cfg.train, cfg.data
+    sampler = PackedLoader(splits.train, d.seq_len, t.batch_size, seed=d.seed, loss_on=d.loss_on)
+    val_sampler = PackedLoader(splits.val, d.seq_len, t.batch_size, seed=0, shuffle=False, loss_on=d.loss_on)
+    cut = sampler.num_truncated + val_sampler.num_truncated
+    if cut:
+        say(f"{cut} conversation(s) longer than data.seq_len+1={d.seq_len + 1} tokens keep their start, lose the rest")
+    return sampler, val_sampler
+
+
 def _initial_params(
     cfg: Config, mesh: Mesh, model: Transformer | None, trainer: Trainer, say: Callable[[str], None]
 ) -> nnx.State:
@@ -456,8 +467,7 @@ def train(
         state, position = trainer.init_state(_initial_params(cfg, mesh, model, trainer, say)), 0
 
     t = cfg.train
-    sampler = PackedLoader(splits.train, cfg.data.seq_len, t.batch_size, seed=cfg.data.seed)
-    val_sampler = PackedLoader(splits.val, cfg.data.seq_len, t.batch_size, seed=0, shuffle=False)
+    sampler, val_sampler = _loaders(cfg, splits, say)
     n_val = min(t.eval_batches, max(1, val_sampler.num_rows // t.batch_size))
     val_batches = [to_global_batch(val_sampler.batch(i), mesh) for i in range(n_val)]
     evaluate = lambda params: _evaluate(trainer, params, val_batches)  # noqa: E731

@@ -6,6 +6,7 @@ config validation before anything is compiled. A few run as real subprocesses (m
 """
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -22,6 +23,14 @@ from jaxlm.prepare import prepare_data
 from tests.conftest import REPO, tiny_config
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def load_tokenizer_json_text() -> str:
+    from jaxlm.data import tokenizer_file
+
+    return tokenizer_file().read_text(encoding="utf-8")
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")  # byte 3 is 0xe9
 
 
@@ -65,6 +74,15 @@ def world(tmp_path_factory):
     (d / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
     (d / "empty_dir").mkdir()
     prepare_data([str(d / "good.txt")], str(d / "data"))
+    (d / "chat_tok").mkdir()  # the embedded tokenizer with a ChatML template beside it
+    (d / "chat_tok" / "tokenizer.json").write_text(load_tokenizer_json_text(), encoding="utf-8")
+    (d / "chat_tok" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|endoftext|>"}))
+    good_chat = '{"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Me."}]}\n'
+    (d / "chat_badjson.jsonl").write_text(good_chat + '{"messages": [\n')
+    (d / "chat_role.jsonl").write_text(good_chat + '{"messages": [{"role": "narrator", "content": "Once"}]}\n')
+    (d / "chat_empty.jsonl").write_text(good_chat + good_chat + '{"messages": []}\n')
+    (d / "chat_ok.jsonl").write_text(good_chat + '{"prompt": "Who?", "completion": "You."}\n')
+    (d / "chat_noanswer.jsonl").write_text('{"prompt": "Who?", "completion": 3}\n')
     (d / "locked").mkdir()
     (d / "locked" / "keep.txt").write_text("kept\n")
     locked = _immutable(d / "locked")
@@ -127,6 +145,7 @@ TABLE = [
     ("train", ["train", TINY, "train.warmup_steps=1000"], 2, "'train.warmup_steps' must be in [0, train.steps=50]"),
     ("train", ["train", TINY, "data.val_fraction=1.5"], 2, "'data.val_fraction' must be in (0, 1)"),
     ("train", ["train", TINY, "data.seq_len=1"], 2, "'data.seq_len' must be >= 2"),
+    ("train", ["train", TINY, "data.loss_on=assistants"], 2, "'data.loss_on' is 'assistants'; choose one of assistant, all, last_turn"),
     ("train", ["train", TINY, "model.num_heads=3"], 2, "is not divisible by model.num_kv_heads"),
     ("train", ["train", TINY, "model.remat=some"], 2, "'model.remat' is 'some'"),
     ("train", ["train", TINY, "mesh.data=3"], 2, "cannot fill 8 devices"),
@@ -221,6 +240,15 @@ TABLE = [
     ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/afile/p"], 2, "is a file, not a directory"),
     ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--tokenizer", "{d}/not_tokenizer.json"], 2, "is not a Hugging Face tokenizer.json"),
     ("prepare-data", ["prepare-data", "{d}/good.txt", "--out", "{d}/p", "--tokenizer", "{d}/missing.json"], 2, "does not exist"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_role.jsonl", "--out", "{d}/p"], 2, "--chat needs --tokenizer"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_role.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/not_tokenizer.json"], 2, "is not a Hugging Face tokenizer.json"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/good.txt", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 2, "is not .jsonl; --chat reads JSONL"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_role.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json", "--seq-len", "0"], 2, "'0' must be positive"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_badjson.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_badjson.jsonl:2 is not valid JSON"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_role.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_role.jsonl:2: message 0 has role 'narrator'; roles are system, user, assistant"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_empty.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_empty.jsonl:3: 'messages' is empty"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_noanswer.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_noanswer.jsonl:1: message 1 (assistant) has content of type int"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 0, None),
 ]
 # prepare-data with --text-field on a .txt input is not bad input: it is here to show the table
 # tells the two apart (exit 0, nothing on stderr), and its output is removed again below.
