@@ -380,6 +380,11 @@ FUZZ = [  # (name, method, path, body: bytes | JSON value, status, param)
     ("GET completions", "GET", "/v1/completions", None, 405, None),
     ("DELETE models", "DELETE", "/v1/models", None, 405, None),
     ("no key", "POST", "/v1/completions", {"prompt": "hi"}, 401, None),
+    ("5000-digit integer", "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
+    ("5000-digit id", "POST", "/detokenize", b'{"tokens": [' + b"9" * 5000 + b"]}", 400, None),
+    ("trailing slash", "POST", "/v1/completions/", {"prompt": "hi"}, 404, None),
+    ("audio not null", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "alloy"}}, 400, "audio"),
 ]
 
 
@@ -399,6 +404,26 @@ def test_malformed_request_is_a_4xx_in_openais_shape_and_nothing_leaks(server, h
         assert err["param"] == param, err
     assert proc.poll() is None and http.get("/health").json() == {"status": "ok"}
     assert _metrics(http)["jaxlm_kv_cache_pages_used"] == 0
+
+
+def test_harmless_openai_fields_and_head_health_are_accepted(server, http, client):
+    url, _ = server
+    assert httpx.head(url + "/health", timeout=30).status_code == 200
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_completion_tokens=2, modalities=["text"],
+        prompt_cache_key="k", safety_identifier="s", store=False, metadata={"a": "b"},
+        extra_body={"audio": None, "prediction": None, "functions": None, "function_call": None,
+                    "web_search_options": None, "reasoning_effort": None, "verbosity": None})
+    assert r.usage.completion_tokens == 2
+
+
+def test_64_bit_seeds_use_their_high_bits(client):
+    def text(seed):
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=seed).choices[0].text
+
+    low = text(7)
+    assert text(7) == low  # a seed fixes the sample
+    assert len({low, text(7 + 2**32), text(7 - 2**32), text(7 + 2**62)}) == 4  # no two reduce to the same seed
 
 
 def test_the_fuzz_table_is_large_and_the_server_serves_after_it(client):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import itertools
 import os
 import secrets
@@ -114,6 +115,16 @@ class _Sequence:
     @property
     def remaining(self) -> int:  # tokens still to feed; 1 means decoding
         return len(self.tokens) - self.num_cached
+
+
+def sampling_seed(seed: int) -> int:
+    """The 31-bit seed the compiled step takes (an int32 row) for a request's ``seed``: itself when
+    it is in [0, 2^31), else 31 bits of its SHA-256, so that 64-bit seeds differing only in their
+    high bits do not collide (only by chance, 2^-31)."""
+    if 0 <= seed < 2**31:
+        return seed
+    digest = hashlib.sha256(seed.to_bytes(16, "little", signed=True)).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31
 
 
 def _round_up(n: int, m: int) -> int:
@@ -250,7 +261,7 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         stop = frozenset(stop_ids(self.eos_token_ids, request.stop_token_ids, request.ignore_eos))
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        seq = _Sequence(request, rid, ids, list(ids), seed % 2**31, self._clock(), stop, detok,
+        seq = _Sequence(request, rid, ids, list(ids), sampling_seed(seed), self._clock(), stop, detok,
                         knobs(request, self.cfg.vocab_size))
         seq.logprobs = [] if request.logprobs is not None else None
         self._waiting.append(seq)

@@ -12,6 +12,7 @@ and the offending field (``param``); :func:`error_body` is OpenAI's error object
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,6 +59,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         data = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except ValueError:  # Python's int() limit (sys.get_int_max_str_digits, 4300 digits by default)
+        raise BadRequest(f"the body holds a number with more than {sys.get_int_max_str_digits()} digits") from None
     except RecursionError:
         raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
@@ -204,7 +207,9 @@ class ChatCompletionRequest(SamplingFields):
 
     OpenAI fields that change nothing here are accepted in their harmless form only: ``store``,
     ``metadata``, ``service_tier``, ``parallel_tool_calls``, ``response_format`` ``{"type": "text"}``,
-    ``tools`` empty, ``tool_choice`` ``"none"``/``"auto"``.
+    ``tools`` empty, ``tool_choice`` ``"none"``/``"auto"``, ``modalities`` ``["text"]``,
+    ``prompt_cache_key``, ``safety_identifier``; and null ``audio``, ``prediction``, ``functions``,
+    ``function_call``, ``web_search_options``, ``reasoning_effort``, ``verbosity``.
     """
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -219,6 +224,17 @@ class ChatCompletionRequest(SamplingFields):
     response_format: TextFormat | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = None  # tool calls are not supported
     tool_choice: Literal["none", "auto"] | None = None
+    modalities: list[Literal["text"]] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None  # hints for OpenAI's own caching
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # and abuse tracking: no effect here
+    # features jaxlm does not have, accepted only when null (as clients send them)
+    audio: None = None
+    prediction: None = None
+    functions: None = None
+    function_call: None = None
+    web_search_options: None = None
+    reasoning_effort: None = None
+    verbosity: None = None
 
     @model_validator(mode="after")
     def _lengths(self):

@@ -165,7 +165,8 @@ def create_app(loop: EngineLoop, model_name: str, chat_prompt_ids=None, api_key:
                wait_s: float = WAIT_S) -> FastAPI:
     """The FastAPI application serving ``loop``'s engine as ``model_name``."""
     engine = loop.engine
-    app = FastAPI(title="jaxlm", docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: '/v1/completions/' is an unknown route (a 404 in OpenAI's shape), not a 307
+    app = FastAPI(title="jaxlm", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(EngineCollector(engine.stats))
     created = int(time.time())
@@ -237,7 +238,7 @@ def create_app(loop: EngineLoop, model_name: str, chat_prompt_ids=None, api_key:
             raise BadRequest("this server has no tokenizer: send token ids")
         return engine.tokenizer
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers' probes send
     async def health():
         return {"status": "ok"}
 
