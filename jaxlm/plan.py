@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.build import abstract_model, state_shardings
@@ -295,6 +296,8 @@ def plan_decode(
 ) -> DecodePlan:
     """Compile the serving engine's decode call for ``batch`` sequences of up to ``context`` tokens."""
     from jaxlm.serve.engine import _forward_and_sample  # the engine's own compiled call
+    from jaxlm.serve.request import MAX_STOP_TOKEN_IDS
+    from jaxlm.serve.sampling import SamplingRows
 
     mesh = fold_sequence_axis(mesh)
     m = cfg.model
@@ -308,12 +311,13 @@ def plan_decode(
     pool = jax.ShapeDtypeStruct((m.num_layers, num_pages, page_size, m.num_kv_heads, m.head_dim), dtype,
                                 sharding=pool_sharding)
     rep = NamedSharding(mesh, PartitionSpec())
-    vec = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype, sharding=rep)  # noqa: E731
-    args = (
-        jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=rep),
-        jax.ShapeDtypeStruct((rows, pages_per_seq), jnp.int32, sharding=rep), vec(jnp.int32), vec(jnp.int32),
-        vec(jnp.int32), vec(jnp.float32), vec(jnp.int32), vec(jnp.float32),
-    )
+    like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
+    # the engine's step inputs, as it builds them: tokens, positions, page table, last index, then
+    # the sampling rows (seeds, counters, generated ids, banned ids, temperature, top-k/p, penalties)
+    sampling = SamplingRows(rows, context, 1 + MAX_STOP_TOKEN_IDS)
+    host = (np.zeros((rows, 1), np.int32), np.zeros((rows, 1), np.int32), np.zeros((rows, pages_per_seq), np.int32),
+            np.zeros((rows,), np.int32), *sampling.arrays())
+    args = tuple(like(a) for a in host)
     with jax.set_mesh(mesh):
         lowered = _forward_and_sample.trace(graphdef, params, pool, pool, *args).lower()
     program = _report("decode_step", lowered, model_step_flops(cfg, rows, train=False, context=context) / mesh.size)

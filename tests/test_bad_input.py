@@ -161,7 +161,7 @@ TABLE = [
     ("train", ["train", TINY, "data.path={d}/data", "data.text_path={d}/good.txt"], 2, "not both"),
     ("train", ["train", TINY, "model.init_from={d}/missing"], 2, "model.init_from '{d}/missing' does not exist"),
     ("train", ["train", TINY, "model.init_from={d}/good.txt"], 2, "is neither a .gguf file"),
-    ("train", ["train", TINY, "model.init_from={d}/garbage.gguf"], 2, "is not a readable GGUF file"),
+    ("train", ["train", TINY, "model.init_from={d}/garbage.gguf"], 65, "is not a readable GGUF file"),
     ("train", ["train", TINY, "model.init_from={d}/run", "model.num_layers=3"], 2,
      "model.num_layers=3 contradicts model.init_from '{d}/run', which has num_layers=2"),
     ("train", ["train", TINY, "train.lora.rank=-1"], 2, "'train.lora.rank' must be >= 0"),
