@@ -127,6 +127,27 @@ def _make_tmp(out_dir: pathlib.Path) -> pathlib.Path:
     return tmp
 
 
+def _commit(tmp: pathlib.Path, out_dir: pathlib.Path, starts: array.array, dtype: np.dtype, vocab: int,
+            n_tokens: int, eos_id: int | None, tokenizer_path: str, extra: dict | None = None) -> dict:
+    """Write the document index and meta.json into ``tmp``, then rename it to ``out_dir`` (atomic:
+    a prepared directory is whole or absent). Returns the meta."""
+    np.save(tmp / "docs.npy", np.frombuffer(starts, dtype=np.int64))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "num_tokens": n_tokens,
+        "num_docs": len(starts),
+        "eos_id": eos_id,
+        "tokenizer": tokenizer_path,
+        "tokenizer_sha256": tokenizer_hash(tokenizer_path),
+        **(extra or {}),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    os.rename(tmp, out_dir)
+    return meta
+
+
 def prepare_chat(inputs: list[str], out: str, tokenizer_path: str, seq_len: int = 2048) -> dict:
     """Render and tokenize the JSONL conversations of ``inputs`` into the directory ``out``. Returns its meta.json.
 
@@ -173,28 +194,16 @@ def prepare_chat(inputs: list[str], out: str, tokenizer_path: str, seq_len: int 
                     g.write(labels.tobytes())
         if not starts:
             raise ConfigError("the inputs hold no conversation; nothing to prepare")
-        np.save(tmp / "docs.npy", np.frombuffer(starts, dtype=np.int64))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": vocab,
-            "num_tokens": n_tokens,
-            "num_docs": len(starts),
-            "eos_id": tokenizer.token_to_id(EOS_TOKEN),
-            "tokenizer": tokenizer_path,
-            "tokenizer_sha256": tokenizer_hash(tokenizer_path),
+        return _commit(tmp, out_dir, starts, dtype, vocab, n_tokens, tokenizer.token_to_id(EOS_TOKEN), tokenizer_path, {
             "labels": "labels.bin",  # uint8 per token: 0 other, 1 assistant, 2 last assistant turn
             "seq_len": seq_len,
             "num_truncated": n_truncated,
             "num_assistant_tokens": n_assistant,
             "max_label": LAST_ASSISTANT,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, out_dir)
+        })
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return meta
 
 
 def prepare_data(
@@ -227,20 +236,7 @@ def prepare_data(
                     f.write(ids.astype(dtype).tobytes())
         if not starts:
             raise ConfigError("the inputs hold no text; nothing to prepare")
-        np.save(tmp / "docs.npy", np.frombuffer(starts, dtype=np.int64))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype.name,
-            "vocab_size": vocab,
-            "num_tokens": n_tokens,
-            "num_docs": len(starts),
-            "eos_id": eos,
-            "tokenizer": tokenizer_path,
-            "tokenizer_sha256": tokenizer_hash(tokenizer_path),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, out_dir)
+        return _commit(tmp, out_dir, starts, dtype, vocab, n_tokens, eos, tokenizer_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return meta
