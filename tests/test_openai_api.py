@@ -8,9 +8,6 @@ healthy with no KV page held.
 """
 
 import json
-import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,11 +19,9 @@ import openai
 import pytest
 
 from jaxlm.build import build_model
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import CheckpointConfig
 from jaxlm.data import load_tokenizer
-from tests.conftest import REPO, tiny_config
-from tests.test_server import _env
+from tests.conftest import tiny_config
+from tests.test_server import serving
 
 pytestmark = pytest.mark.slow
 MAX_CONTEXT = 64
@@ -42,30 +37,9 @@ def model():
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     """(base url, server process)."""
-    from flax import nnx
-
-    run = tmp_path_factory.mktemp("openai") / "run"
-    ckpt = Checkpointer(run, CheckpointConfig(async_save=False))
-    ckpt.save(1, nnx.state(model), {"count": np.zeros((), np.int32)}, 0, tiny_config("model.init_std=0.2"))
-    ckpt.wait()
-    ckpt.close()
-    log = open(run.parent / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.cli", "serve", str(run), "--port", "0", "--num-pages", "24", "--max-batch", "4",
-         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16", "--model-name", "tiny", "--api-key", KEY],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log, text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        if not match:
-            log.seek(0)
-            pytest.fail(f"server did not start: {line!r}\n{log.read()[-3000:]}")
-        yield f"http://127.0.0.1:{match.group(1)}", proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with serving(model, tmp_path_factory.mktemp("openai"), "--max-context", str(MAX_CONTEXT), "--model-name", "tiny",
+                 "--api-key", KEY) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

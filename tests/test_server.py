@@ -1,5 +1,6 @@
 """`jaxlm serve` end to end: a server subprocess on 127.0.0.1, clients over HTTP (and a load test process)."""
 
+import contextlib
 import json
 import os
 import re
@@ -33,20 +34,21 @@ def model():
     return build_model(tiny_config("model.init_std=0.2").model, seed=5)
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    """(base url, server process) for a checkpoint of ``model``."""
+@contextlib.contextmanager
+def serving(model, directory, *args: str):
+    """Save ``model`` as a checkpoint in ``directory``/run and serve it with ``jaxlm serve ... *args``;
+    yields (base url, server process)."""
     from flax import nnx
 
-    run = tmp_path_factory.mktemp("serve") / "run"
+    run = directory / "run"
     ckpt = Checkpointer(run, CheckpointConfig(async_save=False))
     ckpt.save(1, nnx.state(model), {"count": np.zeros((), np.int32)}, 0, tiny_config("model.init_std=0.2"))
     ckpt.wait()
     ckpt.close()
-    log = open(run.parent / "server.log", "w+")
+    log = open(directory / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxlm.cli", "serve", str(run), "--port", "0", "--num-pages", "24", "--max-batch", "4",
-         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", "16"],
+         "--prefill-chunk", "16", *args],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=log, text=True,
     )
     try:
@@ -60,6 +62,13 @@ def server(model, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    """(base url, server process) for a checkpoint of ``model``."""
+    with serving(model, tmp_path_factory.mktemp("serve"), "--max-context", str(MAX_CONTEXT)) as served:
+        yield served
 
 
 def _post(url, path, body, raw=False):
