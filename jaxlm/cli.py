@@ -392,8 +392,22 @@ class _DropOrphanedCheckpointerTasks(logging.Filter):
     (the first error already ended the save); asyncio logs each when it is collected."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # asyncio names the class: "Task exception ...", "_GatheringFuture exception ...", "Future exception ..."
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
+        if "exception was never retrieved" not in message:
+            return True
+        return not (f"{os.sep}orbax{os.sep}" in message or _raised_in_orbax(record.exc_info))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    if not exc_info or exc_info[1] is None:
+        return False
+    tb = exc_info[1].__traceback__
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _one_line_errors_only() -> None:

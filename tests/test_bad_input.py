@@ -350,6 +350,39 @@ def test_as_real_processes(world, argv, code):
     assert _fingerprint(d) == before
 
 
+def test_orphaned_orbax_futures_of_a_failed_save_are_not_logged_but_others_are(caplog):
+    """A failed save leaves asyncio tasks and gathering futures whose error nobody retrieves; asyncio logs
+    each one ("Task ...", "_GatheringFuture exception was never retrieved") when it is collected. Those
+    raised in orbax are dropped; the same from any other code still reaches the log."""
+    import asyncio
+    import gc
+    import logging
+
+    from jaxlm.cli import _one_line_errors_only
+
+    _one_line_errors_only()
+    fake_orbax = {}
+    exec(compile("async def write():\n    raise ValueError('Failed to write: File too large')\n",
+                 os.sep + os.path.join("site-packages", "orbax", "serialization.py"), "exec"), fake_orbax)
+
+    async def ours():
+        raise ValueError("a bug of ours")
+
+    async def leave_unretrieved():
+        for write in (fake_orbax["write"], ours):
+            asyncio.gather(write(), write())
+            asyncio.ensure_future(write())
+        await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(leave_unretrieved())
+        gc.collect()
+    logged = [r for r in caplog.records if "exception was never retrieved" in r.getMessage()]
+    kinds = sorted(r.getMessage().split()[0] for r in logged)
+    assert kinds == ["Task", "_GatheringFuture"], [r.getMessage() for r in logged]
+    assert all("a bug of ours" in str(r.exc_info[1]) for r in logged)
+
+
 @pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     """``prlimit --fsize`` caps the size of any file the process writes (EFBIG, as a full disk
