@@ -80,8 +80,9 @@ TEST_WORKERS ?= 2
 test: $(STAMP) $(GPU_STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
-# `make test-py312-jax0.11`: every test that does not need torch, on that combination (the
-# Pallas-Triton cross-lowering tests are expected failures under jax >= 0.11: tests/conftest.py).
+# `make test-py312-jax0.11`: every test that does not need torch, on that combination, with the CUDA
+# compile toolchain at that jaxlib's version (the Pallas-Triton cross-lowering tests are expected
+# failures under jax >= 0.11: tests/conftest.py).
 $(SECONDARY:%=install-%): install-%: .venv-%/.installed
 
 .venv-%/.installed: pyproject.toml constraints/%.txt
@@ -90,6 +91,10 @@ $(SECONDARY:%=install-%): install-%: .venv-%/.installed
 	$(PYTHON312) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install --quiet --upgrade pip
 	.venv-$*/bin/python -m pip install --quiet -c constraints/$*.txt -e ".[test]"
+	JAXLIB=$$(.venv-$*/bin/python -c "import jaxlib; print(jaxlib.__version__)") && \
+	.venv-$*/bin/python -m pip install --quiet --no-deps --target .venv-$*/gpu-compile -c constraints/$*.txt \
+		jax-cuda12-plugin==$$JAXLIB jax-cuda12-pjrt==$$JAXLIB nvidia-cuda-nvcc-cu12
+	touch .venv-$*/gpu-compile/.installed
 	touch $@
 
 $(SECONDARY:%=test-%): test-%: .venv-%/.installed

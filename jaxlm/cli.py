@@ -396,13 +396,17 @@ class _DropOrphanedCheckpointerTasks(logging.Filter):
         message = record.getMessage()
         if "exception was never retrieved" not in message:
             return True
-        return not (f"{os.sep}orbax{os.sep}" in message or _raised_in_orbax(record.exc_info))
+        return not (f"{os.sep}orbax{os.sep}" in message or _raised_in_orbax_or_native_code(record.exc_info))
 
 
-def _raised_in_orbax(exc_info) -> bool:
+def _raised_in_orbax_or_native_code(exc_info) -> bool:
+    """True for an error raised in orbax, or set on its future by native code (tensorstore's reads
+    and writes: no Python frame at all). jaxlm itself never sets an exception on a future."""
     if not exc_info or exc_info[1] is None:
         return False
     tb = exc_info[1].__traceback__
+    if tb is None:
+        return True
     while tb is not None:
         if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
             return True

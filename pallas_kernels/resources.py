@@ -225,7 +225,11 @@ def measure(case: KernelCase, spec, sharding, workdir: pathlib.Path, ptxas: str)
                 expect_ok=case.expect_ok)
     try:
         fn, args = case.build(sharding)
-        jax.jit(fn).trace(*args).lower().compile(compiler_options={"xla_dump_to": str(xla_dir)})
+        # the abstract mesh names the target GPU: from jax 0.11 on, Pallas-Triton lowering asks it
+        # (not the process's default device, a CPU here) for the compute capability
+        with jax.sharding.use_abstract_mesh(sharding.mesh.abstract_mesh):
+            lowered = jax.jit(fn).trace(*args).lower()
+        lowered.compile(compiler_options={"xla_dump_to": str(xla_dir)})
     except Exception as e:  # the compiler's refusal is the measurement
         return [KernelResource(**base, entry="-", error=_one_line(e))]
     finally:
@@ -273,6 +277,9 @@ def measure_all(target: str, selected: Callable[[KernelCase], bool] = lambda c: 
     """Compile every case of ``target`` in this process; the CUDA toolchain must be enabled."""
     from sharding.targets import compile_only_devices, get_target, ptxas_path
 
+    # a persistent-cache hit would skip the compiler and the dumps read below (effective before the
+    # process's first compile; sharding.targets.gpu_compile_env sets it for subprocesses)
+    jax.config.update("jax_enable_compilation_cache", False)
     spec = get_target(target)
     mesh = jax.sharding.Mesh(compile_only_devices(spec, "1x1"), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -179,7 +179,8 @@ def _missing_toolchain(root: pathlib.Path) -> RuntimeError:
 
 def gpu_compile_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a subprocess that compiles for GPUs: the toolchain first on ``PYTHONPATH``
-    and its ``ptxas`` first on ``PATH``, ``JAX_PLATFORMS=cpu``. RuntimeError if not installed."""
+    and its ``ptxas`` first on ``PATH``, ``JAX_PLATFORMS=cpu``, XLA's persistent compilation cache
+    off. RuntimeError if not installed."""
     root = gpu_compile_dir()
     if not (root / "jax_plugins").is_dir():
         raise _missing_toolchain(root)
@@ -187,6 +188,8 @@ def gpu_compile_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join(p for p in (str(_ptxas_dir(root)), env.get("PATH", "")) if p)
     env["JAX_PLATFORMS"] = "cpu"
+    # a persistent-cache hit skips the compiler, and with it the dumps that resource reports read
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the plugin's "no CUDA driver" lines
     return env
 

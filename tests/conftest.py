@@ -8,6 +8,20 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
 ) + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's persistent compilation cache, shared by the test workers and every subprocess they start
+# (inherited through the environment): most tests compile the same few tiny programs, and a hit
+# returns the same executable. Bounded (least recently used entries evicted), which also makes
+# jax lock the directory around each read and write. Processes that compile for GPU targets
+# turn it off (sharding.targets.gpu_compile_env): their reports come from XLA's dumps.
+XLA_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              ".pytest_cache", "xla"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30),
+}
+for _name, _value in XLA_CACHE.items():
+    os.environ.setdefault(_name, _value)
+XLA_CACHE = {name: os.environ[name] for name in XLA_CACHE}
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

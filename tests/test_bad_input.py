@@ -372,12 +372,16 @@ def test_orphaned_orbax_futures_of_a_failed_save_are_not_logged_but_others_are(c
         for write in (fake_orbax["write"], ours):
             asyncio.gather(write(), write())
             asyncio.ensure_future(write())
+        # tensorstore sets its read or write error on a future from native code: no Python frame
+        asyncio.get_running_loop().create_future().set_exception(ValueError("OUT_OF_RANGE: Error writing (native)"))
         await asyncio.sleep(0.01)
 
+    gc.collect()  # what earlier tests of this process left behind is not this test's
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         asyncio.run(leave_unretrieved())
         gc.collect()
-    logged = [r for r in caplog.records if "exception was never retrieved" in r.getMessage()]
+    logged = [r for r in caplog.records if "exception was never retrieved" in r.getMessage()
+              and any(words in str(r.exc_info[1]) for words in ("a bug of ours", "File too large", "(native)"))]
     kinds = sorted(r.getMessage().split()[0] for r in logged)
     assert kinds == ["Task", "_GatheringFuture"], [r.getMessage() for r in logged]
     assert all("a bug of ours" in str(r.exc_info[1]) for r in logged)
@@ -395,8 +399,10 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     first = _jaxlm(*common, "train.steps=2", env=dict(os.environ, PYTHONPATH=REPO, **env_1))
     assert first.returncode == 0, first.stderr
     before = _fingerprint(run)
+    # (no persistent compilation cache: its writes would hit the same limit)
     r = subprocess.run(["prlimit", "--fsize=300000", sys.executable, "-m", "jaxlm.cli", *common, "train.steps=4"],
-                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env_1), capture_output=True, text=True,
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_ENABLE_COMPILATION_CACHE="false", **env_1),
+                       capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 74, r.stderr[-3000:]
     assert len(r.stderr.splitlines()) == 1, r.stderr[-3000:]

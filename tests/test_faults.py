@@ -154,6 +154,12 @@ RUN_ARGS = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _own_compilation_cache(tmp_path, monkeypatch):
+    """A kill -9 during a persistent-cache write leaves a torn entry: keep these runs' entries to themselves."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla-cache"))
+
+
 def _env():
     return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
 

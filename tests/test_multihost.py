@@ -24,7 +24,7 @@ from jaxlm.config import ConfigError
 from sharding.distributed import LOST_PEER_EXIT_CODE, DistributedSettings, jax_initialize_kwargs, settings_from_env
 from sharding.mesh import make_mesh, split_across_processes
 
-from conftest import REPO, tiny_config
+from conftest import REPO, XLA_CACHE, tiny_config
 
 PREAMBLE = """
 import jax
@@ -53,6 +53,7 @@ def process_env(i: int, n: int, port: int, local_devices: int, extra: dict[str, 
         JAX_NUM_PROCESSES=str(n),
         JAX_PROCESS_ID=str(i),
         JAXLM_INIT_TIMEOUT_S="60",
+        **XLA_CACHE,
         **(extra or {}),
     )
     return env
