@@ -4,7 +4,9 @@ No GPU is needed: the arguments are ``jax.ShapeDtypeStruct`` on a compile-only d
 (:func:`sharding.targets.compile_only_devices`) and ``jax.jit(f).trace(...).lower().compile()``
 runs XLA's whole CUDA pipeline. Triton kernels go TTIR -> PTX -> ``ptxas`` inside XLA (a
 shared-memory overflow raises from ``compile()``); their PTX lands in ``xla_dump_to``, and
-``ptxas -v -arch=<target>`` on it reports registers, spills and stack. XLA's thunk sequence
+``ptxas -v -arch=<target>`` on it reports registers, spills and stack (XLA from jaxlib 0.11 on
+writes no such PTX: there the Triton rows carry ``ptxas_report=False``, and only compiling, threads
+and shared memory are checked). XLA's thunk sequence
 gives each kernel's threads per block and dynamic shared memory. Mosaic GPU kernels compile in
 the same step; ``MOSAIC_GPU_DUMP_TO`` makes Mosaic write their PTX, its ``ptxas`` report and
 the MLIR whose launch carries the dynamic shared memory size.
@@ -81,6 +83,7 @@ class KernelResource:
     shared_memory: int | None = None  # dynamic bytes per block
     spill_bytes: int | None = None  # stores + loads
     stack_bytes: int | None = None
+    ptxas_report: bool = True  # False: XLA wrote no PTX to read (jaxlib >= 0.11 for Triton kernels)
     expect_ok: bool = True
     error: str | None = None
 
@@ -96,7 +99,7 @@ def problems(row: KernelResource, target) -> list[str]:
         found.append(f"shared memory {row.shared_memory} B > {target.shared_memory_per_block_optin} B")
     if row.registers is not None and row.registers > target.registers_per_thread_limit:
         found.append(f"{row.registers} registers > {target.registers_per_thread_limit}")
-    if row.registers is None or row.shared_memory is None or row.threads is None:
+    if (row.ptxas_report and row.registers is None) or row.shared_memory is None or row.threads is None:
         found.append("no ptxas report or launch record found")
     return found
 
@@ -242,12 +245,14 @@ def measure(case: KernelCase, spec, sharding, workdir: pathlib.Path, ptxas: str)
         for m in _THUNK.finditer(pathlib.Path(path).read_text()):
             launches[m.group(1)] = (int(m.group(2)) * int(m.group(3)) * int(m.group(4)), int(m.group(5)))
     reports = {}
-    for ptx in glob.glob(str(xla_dir / "*.ptx")):
+    ptx_files = glob.glob(str(xla_dir / "*.ptx"))
+    for ptx in ptx_files:
         if pathlib.Path(ptx).stat().st_size:
             reports.update(_ptxas(pathlib.Path(ptx), spec.ptx_arch, ptxas))
-    for name, (threads, smem) in sorted(launches.items()):  # XLA numbers repeated names: matmul, matmul_1, ...
-        if name in pallas_names or re.sub(r"_\d+$", "", name) in pallas_names:
-            rows.append(KernelResource(**base, entry=name, threads=threads, shared_memory=smem, **reports.get(name, {})))
+    for name, (threads, smem) in sorted(launches.items()):  # XLA numbers repeated names: matmul_1 (matmul__1 from 0.11)
+        if name in pallas_names or re.sub(r"_+\d+$", "", name) in pallas_names:
+            rows.append(KernelResource(**base, entry=name, threads=threads, shared_memory=smem,
+                                       ptxas_report=bool(ptx_files), **reports.get(name, {})))
     for report in sorted(glob.glob(str(mosaic_dir / "*.ptxas"))):
         stem = report[: -len(".ptxas")]
         parsed = _parse_ptxas(pathlib.Path(report).read_text())

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, strict numerics rails, and shared tiny configs."""
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -63,26 +64,14 @@ def random_qkv(seed, B, T, S, H, K, D, dtype=jnp.float32):
     return q, k, v
 
 
-# From jax 0.11 on, lowering a Pallas-Triton kernel looks up the GPU it targets and, with none
-# (this CPU machine, no abstract device in scope), raises "No supported GPU devices found". These
-# tests cross-lower the Triton kernels that way; deviceless GPU compiles replace them. Until then
-# they are expected failures under jax >= 0.11 (strict: a pass is reported as an error).
-_TRITON_LOWERING_TESTS = (
-    "tests/test_flash_attention.py::test_lowers_to_triton_for_cuda",
-    "tests/test_decode_attention.py::test_lowers_to_triton_for_cuda",
-    "tests/test_matmul.py::test_every_table_entry_lowers_to_triton",
-    "tests/test_matmul.py::test_gradients_lower_to_triton",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    if jax.__version_info__ < (0, 11):
-        return
-    known = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                              reason="jax >= 0.11 lowers Pallas-Triton kernels only for a (real or abstract) GPU")
-    for item in items:
-        if item.nodeid.split("[")[0] in _TRITON_LOWERING_TESTS:
-            item.add_marker(known)
+@contextlib.contextmanager
+def abstract_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """An abstract GPU in scope for cross-lowering on this CPU machine: from jax 0.11 on, lowering a
+    Pallas-Triton kernel asks the abstract mesh's device for the compute capability (without one it
+    raises "No supported GPU devices found"); jax 0.10 lowers without asking."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pallas_kernels.decode_attention import BLOCK_K, NUM_SPLITS, decode_attentio
 from pallas_kernels.dispatch import DECODE_MAX_QUERY_TOKENS, cached_attention
 from pallas_kernels.reference import decode_attention_reference
 from sharding.mesh import make_mesh
-from tests.conftest import random_qkv, tiny_config
+from tests.conftest import abstract_gpu, random_qkv, tiny_config
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -147,7 +147,8 @@ def test_lowers_to_triton_for_cuda(dtype):
             q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
             kv = jax.ShapeDtypeStruct((B, S, K, D), dtype)
             fn = lambda q, k, v, L: decode_attention(q, k, v, L, block_k=BLOCK_K, num_splits=NUM_SPLITS)
-            text = jax.jit(fn).trace(q, kv, kv, L).lower(lowering_platforms=("cuda",)).as_text()
+            with abstract_gpu():
+                text = jax.jit(fn).trace(q, kv, kv, L).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("custom_call @__gpu$xla.gpu.triton(") == 1, (S, T)
             inner = jax.make_jaxpr(fn)(q, kv, kv, L).jaxpr.eqns[0].params["jaxpr"].jaxpr
             assert _consumers(inner, inner.invars[1]) == ["pallas_call"], (S, T)
@@ -156,7 +157,8 @@ def test_lowers_to_triton_for_cuda(dtype):
     table = jax.ShapeDtypeStruct((B, 4), jnp.int32)
     q = jax.ShapeDtypeStruct((B, 1, H, D), dtype)
     fn = lambda q, k, v, L, t: decode_attention(q, k, v, L, page_table_BxP=t)
-    text = jax.jit(fn).trace(q, pool, pool, L, table).lower(lowering_platforms=("cuda",)).as_text()
+    with abstract_gpu():
+        text = jax.jit(fn).trace(q, pool, pool, L, table).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton(") == 1
 
 

@@ -21,6 +21,7 @@ from pallas_kernels.table import Call, select
 from pallas_kernels.matmul import BLOCK_TABLE, matmul, pick_blocks, swiglu
 from sharding.mesh import make_mesh
 from sharding.rules import logical_sharding
+from tests.conftest import abstract_gpu
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 SMALL = {"block_m": 16, "block_n": 16, "block_k": 16}  # many tiles on tiny shapes
@@ -131,7 +132,8 @@ _TRITON = "custom_call @__gpu$xla.gpu.triton("
 
 
 def _lower_cuda(fn, *avals):
-    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    with abstract_gpu():
+        return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("key", list(BLOCK_TABLE), ids=[f"{r}_{b}B" for r, b in BLOCK_TABLE])
