@@ -261,12 +261,29 @@ def abstract_train_state(trainer: Any) -> Any:
     return TrainState(scalar(jnp.int32), params, opt_state, LossScale(scalar(jnp.float32), scalar(jnp.int32)))
 
 
+def abstract_base(trainer: Any) -> Any:
+    """A LoRA run's frozen base as ``ShapeDtypeStruct`` with its shardings, its floating arrays in
+    ``train.lora.base_dtype`` (as :func:`jaxlm.pretrained` loads it); None without LoRA."""
+    from jaxlm.lora import base_dtype
+
+    if trainer.abstract_base is None:
+        return None
+    dt = jnp.dtype(base_dtype(trainer.cfg.model, trainer.cfg.train.lora))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=s),
+        trainer.abstract_base, trainer.base_shardings,
+    )
+
+
 def state_bytes(cfg: Config, mesh: Mesh) -> tuple[int, int]:
-    """(parameter bytes, optimizer-state bytes) one device holds when training ``cfg`` on ``mesh``."""
+    """(parameter bytes, optimizer-state bytes) one device holds when training ``cfg`` on ``mesh``.
+    With LoRA the parameters are the frozen base plus the adapters; the optimizer state is the adapters'."""
     from jaxlm.train import Trainer
 
-    state = abstract_train_state(Trainer(cfg, mesh))
-    return device_bytes(state.params), device_bytes(state.opt_state)
+    trainer = Trainer(cfg, mesh)
+    state = abstract_train_state(trainer)
+    base = abstract_base(trainer)
+    return device_bytes(state.params) + (0 if base is None else device_bytes(base)), device_bytes(state.opt_state)
 
 
 def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, link: float) -> TrainPlan:
@@ -279,7 +296,7 @@ def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, link: flo
     row = logical_sharding(mesh, ("batch", "seq"))
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=row) for k in ("inputs", "targets", "positions")}
     model_flops = model_step_flops(cfg, B * T, train=True) / mesh.size
-    program = _report("train_step", trainer.lower_step(state, batch), model_flops)
+    program = _report("train_step", trainer.lower_step(state, batch, abstract_base(trainer)), model_flops)
     return TrainPlan(
         program, B * T,
         _roofline(program, peak, bandwidth, link), model_flops_per_token(cfg.model, T),

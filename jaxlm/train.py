@@ -21,7 +21,7 @@ the metrics log, printed lines, the progress bar, the preemption check and the p
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -212,9 +212,10 @@ class Trainer:
         self.lora = cfg.train.lora.rank > 0
         self.base: nnx.State | None = None  # a LoRA run's frozen base (set_base); params are its adapters
         self.base_meta: dict | None = None
+        self.abstract_base: nnx.State | None = None  # LoRA: the frozen base's shapes
         if self.lora:
-            self.graphdef, abstract, abstract_base = abstract_lora_model(cfg.model, cfg.train.lora)
-            self.base_shardings = state_shardings(abstract_base, mesh)
+            self.graphdef, abstract, self.abstract_base = abstract_lora_model(cfg.model, cfg.train.lora)
+            self.base_shardings = state_shardings(self.abstract_base, mesh)
         else:
             self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
@@ -264,10 +265,11 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return self._step(state, batch, *self._base_args())
 
-    def lower_step(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
-        """The lowered train step, for inspecting compile time and memory."""
+    def lower_step(self, state: TrainState, batch: dict[str, jax.Array], base: Any = None) -> jax.stages.Lowered:
+        """The lowered train step, for inspecting compile time and memory. ``base``: a LoRA run's frozen
+        base (arrays or ``ShapeDtypeStruct``), else the one given to :meth:`set_base`."""
         with jax.set_mesh(self.mesh):
-            return self._step.lower(state, batch, *self._base_args())
+            return self._step.lower(state, batch, *((base,) if self.lora and base is not None else self._base_args()))
 
     def loss(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         with jax.set_mesh(self.mesh):

@@ -50,6 +50,11 @@ out["8b"] = plan_run(cfg, "h100", "1x8").to_dict()
 for name, topology in (("70b", "8x8"), ("405b", "32x8")):  # state only: no compile
     cfg = jaxlm.load_config(f"configs/llama3_{name}.yaml")
     out[name] = plan_run(cfg, "h100", topology, train=False, decode=False).to_dict()
+lora = ["train.lora.rank=16", "train.lora.targets=[q,v]", "train.lora.base_dtype=bfloat16"]
+cfg = jaxlm.load_config("configs/llama3_8b.yaml", lora)
+out["8b_lora"] = plan_run(cfg, "h100", "1x8", train=False, decode=False).to_dict()
+cfg = jaxlm.load_config("configs/tiny.yaml", lora)
+out["tiny_lora"] = plan_run(cfg, "h100", "1x8", decode=False).to_dict()
 print(json.dumps(out))
 """
 
@@ -86,6 +91,27 @@ def test_state_bytes_match_a_hand_count(plans, name, devices, split):
     assert plan["num_devices"] == devices
     assert plan["param_bytes"] == pytest.approx(params, rel=0.01)
     assert plan["opt_state_bytes"] == pytest.approx(2 * params, rel=0.01)
+
+
+@pytest.mark.slow
+def test_lora_state_is_the_frozen_base_plus_adapters_and_its_step_compiles(plans):
+    """LoRA r16 on q and v over a bfloat16 base: the parameters one device holds are the base (split
+    8 ways but the norms) plus the float32 adapters; AdamW's state is two moments of the adapters
+    only. The tiny model's LoRA train step compiles, its arguments being exactly that state."""
+    plan = plans["8b_lora"]
+    m = config("llama3_8b.yaml").model
+    total, norms, _ = hand_count(config("llama3_8b.yaml"))
+    base = ((total - norms) / 8 + norms) * 2
+    adapters = m.num_layers * 16 * ((m.embed_dim + m.num_heads * m.head_dim) + (m.embed_dim + m.num_kv_heads * m.head_dim)) * 4
+    on_device = plan["param_bytes"] - base
+    assert adapters / 8 * 0.99 <= on_device <= adapters * 1.01, (on_device, adapters)
+    assert plan["opt_state_bytes"] == pytest.approx(2 * on_device, rel=0.01)
+    full = plans["8b"]
+    assert plan["opt_state_bytes"] < 0.01 * full["opt_state_bytes"]
+    tiny = plans["tiny_lora"]
+    program = tiny["train"]["program"]
+    assert tiny["train"]["fits"]
+    assert program["argument_bytes"] == pytest.approx(tiny["param_bytes"] + tiny["opt_state_bytes"], rel=0.05)
 
 
 @pytest.mark.slow
