@@ -262,17 +262,9 @@ def abstract_train_state(trainer: Any) -> Any:
 
 
 def abstract_base(trainer: Any) -> Any:
-    """A LoRA run's frozen base as ``ShapeDtypeStruct`` with its shardings, its floating arrays in
-    ``train.lora.base_dtype`` (as :func:`jaxlm.pretrained` loads it); None without LoRA."""
-    from jaxlm.lora import base_dtype
-
-    if trainer.abstract_base is None:
-        return None
-    dt = jnp.dtype(base_dtype(trainer.cfg.model, trainer.cfg.train.lora))
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=s),
-        trainer.abstract_base, trainer.base_shardings,
-    )
+    """A LoRA run's frozen base (in ``train.lora.base_dtype``) as ``ShapeDtypeStruct`` with its
+    shardings; None without LoRA."""
+    return None if trainer.abstract_base is None else _abstract(trainer.abstract_base, trainer.base_shardings)
 
 
 def state_bytes(cfg: Config, mesh: Mesh) -> tuple[int, int]:

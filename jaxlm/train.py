@@ -37,7 +37,7 @@ from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.hooks import Hook, default_hooks
 from jaxlm.loop import TrainingDiverged, TrainLoop
 from jaxlm import pretrained
-from jaxlm.lora import LoRAParam, abstract_lora_model, check_base, init_adapters
+from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
@@ -212,10 +212,12 @@ class Trainer:
         self.lora = cfg.train.lora.rank > 0
         self.base: nnx.State | None = None  # a LoRA run's frozen base (set_base); params are its adapters
         self.base_meta: dict | None = None
-        self.abstract_base: nnx.State | None = None  # LoRA: the frozen base's shapes
+        self.abstract_base: nnx.State | None = None  # LoRA: the frozen base's shapes, in train.lora.base_dtype
         if self.lora:
-            self.graphdef, abstract, self.abstract_base = abstract_lora_model(cfg.model, cfg.train.lora)
-            self.base_shardings = state_shardings(self.abstract_base, mesh)
+            self.graphdef, abstract, abstract_base = abstract_lora_model(cfg.model, cfg.train.lora)
+            self.base_shardings = state_shardings(abstract_base, mesh)
+            dtype = base_dtype(cfg.model, cfg.train.lora)
+            self.abstract_base = jax.eval_shape(lambda b: cast_base(b, dtype), abstract_base)
         else:
             self.graphdef, abstract = abstract_model(cfg.model)
         self.tx = make_optimizer(cfg.train)
