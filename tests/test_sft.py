@@ -4,6 +4,7 @@ SFT run resumes bit for bit."""
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -211,7 +212,8 @@ def test_demo_set_holds_out_whole_plays_and_answers_from_the_passage(tmp_path):
     assert {"VIOLA", "PROSPERO"} & speakers["heldout"] and not {"VIOLA", "PROSPERO"} & speakers["train"]
     for m in rows["train"] + rows["heldout"]:
         passage, question = m[0]["content"].split("\n\n")
-        said = dict(line.split(": ", 1)[::-1] for line in passage.splitlines())  # line -> speaker
+        said = dict(re.fullmatch(r'"(.*)" said ([A-Z .\'-]+)\.', line).groups() for line in passage.splitlines())
+        assert len(said) == 3 and len(set(said.values())) == 3  # three speakers: chance is 1/3
         assert said[question[len('Who says "'):-2]] == m[1]["content"]
 
 
