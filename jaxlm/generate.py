@@ -30,35 +30,69 @@ from sharding.rules import LOGICAL_RULES, mesh_axis_size
 _BUCKET = 16  # prompt and cache lengths are rounded up to this, to reuse compiled programs
 
 
+CANDIDATES = 256  # the best tokens a bounded top-k or top-p cut is looked for in, instead of sorting the vocabulary
+
+
+def _cut(scaled_BxV: jax.Array, desc_BxN: jax.Array, top_k_B1: jax.Array, top_p_B1: jax.Array):
+    """``(filtered [batch, vocab], exact [batch])``: ``scaled`` with the tokens outside top-k and top-p
+    set to -inf, the cuts found in ``desc_BxN`` (each row's N best logits, descending: the whole
+    vocabulary sorted, or its top :data:`CANDIDATES`). ``exact`` says a row's cuts would be the same
+    with the whole vocabulary sorted (always true when N is the vocabulary)."""
+    N, vocab = desc_BxN.shape[-1], scaled_BxV.shape[-1]
+    top_k = jnp.where(top_k_B1 >= vocab, 0, top_k_B1)
+    kth = jnp.take_along_axis(desc_BxN, jnp.clip(top_k - 1, 0, N - 1), axis=-1)
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    kept = jnp.where(desc_BxN < kth, -jnp.inf, desc_BxN)
+    # probabilities over the tokens top-k keeps: with a top-k cut all of them are among the N
+    norm = jnp.where(top_k > 0, jax.nn.logsumexp(kept, axis=-1, keepdims=True),
+                     jax.nn.logsumexp(scaled_BxV, axis=-1, keepdims=True))
+    probs = jnp.exp(kept - norm)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+    keep = jnp.sum(before < top_p_B1, axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.where(top_p_B1 < 1, jnp.take_along_axis(kept, keep - 1, axis=-1), -jnp.inf)
+    last = jnp.min(desc_BxN, axis=-1, keepdims=True)  # no token outside the N is above it; ties with it may be
+    exact_k = (top_k == 0) | ((top_k <= N) & (kth > last))
+    exact_p = (top_k > 0) | (top_p_B1 >= 1) | (threshold > last)
+    exact = (N == vocab) | (exact_k & exact_p)
+    return jnp.where((scaled_BxV < kth) | (scaled_BxV < threshold), -jnp.inf, scaled_BxV), exact[:, 0]
+
+
 def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """float32 logits ``[batch, vocab]`` divided by ``temperature`` (floored at 1e-6), the tokens
     outside top-k and top-p set to -inf: the distribution :func:`sample_logits` draws from.
 
-    top_k 0 and top_p 1 disable those filters; ties at either threshold are kept.
+    The knobs are scalars or ``[batch]`` arrays (one per row), possibly traced. top_k 0 (or at least
+    the vocabulary) and top_p 1 disable those filters; ties at either threshold are kept. The cuts
+    are found among each row's :data:`CANDIDATES` best tokens (``lax.top_k``); only when that cannot
+    be exact for some row of the batch (top_k above it, ties across its edge, a top-p nucleus wider
+    than it without top-k) is the whole vocabulary sorted, for the whole batch.
     """
     logits = logits_BxV.astype(jnp.float32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
-    desc = -jnp.sort(-scaled, axis=-1)
-    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, vocab - 1)[None, None].repeat(desc.shape[0], 0), axis=-1)
-    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
-    desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
-    keep = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(desc, keep - 1, axis=-1)
-    return jnp.where(scaled < threshold, -jnp.inf, scaled)
+    B, vocab = logits.shape
+    per_row = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (B,))[:, None]
+    t, k, p = per_row(temperature, jnp.float32), per_row(top_k, jnp.int32), per_row(top_p, jnp.float32)
+    scaled = logits / jnp.maximum(t, 1e-6)
+    by_sort = lambda: _cut(scaled, -jnp.sort(-scaled, axis=-1), k, p)[0]
+    if vocab <= CANDIDATES:
+        return by_sort()
+    filtered, exact = _cut(scaled, jax.lax.top_k(scaled, CANDIDATES)[0], k, p)
+    return jax.lax.cond(jnp.all(exact), lambda: filtered, by_sort)
 
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Next tokens ``[batch]`` int32. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
 
-    All three knobs may be traced scalars, so one compiled program serves every setting.
-    Ties at the top-k or top-p threshold are kept.
+    The knobs may be traced scalars (or ``[batch]`` arrays), so one compiled program serves every
+    setting; a greedy batch computes only the arg-max. Ties at the top-k or top-p threshold are kept.
     """
     greedy = jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
-    sampled = jax.random.categorical(rng, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
-    return jnp.where(temperature == 0, greedy, sampled)
+    is_greedy = jnp.asarray(temperature) == 0
+
+    def draw():
+        sampled = jax.random.categorical(rng, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
+        return jnp.where(is_greedy, greedy, sampled.astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(is_greedy), lambda: greedy, draw)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_len"))

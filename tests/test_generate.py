@@ -116,3 +116,83 @@ def test_generation_runs_on_the_models_own_mesh(model, devices):
     sharded = nnx.merge(nnx.graphdef(model), jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh)))
     assert model_mesh(model) is None and model_mesh(sharded) is mesh
     assert generate_tokens(sharded, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)
+
+
+def _filter_reference(logits, t, k, p):
+    """numpy float64: logits / t with the tokens outside top-k, then top-p, at -inf (ties kept)."""
+    s = np.asarray(logits, np.float64) / max(t, 1e-6)
+    out = s.copy()
+    if 0 < k < s.size:
+        out[s < np.sort(s)[::-1][k - 1]] = -np.inf
+    if p < 1:
+        desc = np.sort(out[out > -np.inf])[::-1]
+        probs = np.exp(desc - desc.max()) / np.exp(desc - desc.max()).sum()
+        kept = int(np.sum(np.cumsum(probs) - probs < p))
+        out[s < desc[kept - 1]] = -np.inf
+    return out
+
+
+# (temperature, top_k, top_p) per row; vocabulary 1000, so the cuts are looked for in the 256 best first
+_FAST_ROWS = [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 40, 0.8), (1.0, 0, 0.3), (0.5, 1, 1.0), (1.0, 255, 0.95)]
+_SORT_ROWS = [(1.0, 300, 1.0),   # top_k above the candidates
+              (1.0, 0, 0.999),   # a nucleus wider than the candidates
+              (1.0, 10, 1.0)]    # ties at the 10th logit reach past the candidates (row made below)
+
+
+def test_top_k_and_top_p_cuts_equal_a_sorted_reference_with_and_without_sorting_the_vocabulary():
+    from jaxlm.generate import CANDIDATES, filter_logits
+
+    rng = np.random.default_rng(7)
+    vocab = 1000
+    for rows in (_FAST_ROWS, _FAST_ROWS + _SORT_ROWS):
+        logits = rng.normal(size=(len(rows), vocab)).astype(np.float32) * 2
+        if len(rows) > len(_FAST_ROWS):
+            tied = logits[-1]
+            tied[np.argsort(-tied)[9 : 9 + CANDIDATES]] = np.sort(tied)[::-1][9]  # 256 tokens share the 10th value
+        t, k, p = (np.array(c, dt) for c, dt in zip(zip(*rows), (np.float32, np.int32, np.float32)))
+        got = np.asarray(jax.jit(filter_logits)(logits, t, k, p))
+        for r, knobs in enumerate(rows):
+            want = _filter_reference(logits[r], *knobs)
+            np.testing.assert_array_equal(np.isinf(got[r]), np.isinf(want), err_msg=str(knobs))
+            kept = ~np.isinf(want)
+            np.testing.assert_allclose(got[r][kept], want[kept], rtol=1e-6, err_msg=str(knobs))
+            if knobs == (1.0, 10, 1.0):
+                assert kept.sum() == 9 + CANDIDATES
+
+
+def _primitives(jaxpr, into_cond: bool = True) -> set[str]:
+    """Names of the primitives of ``jaxpr`` and of the jaxprs nested in it (not in conds' branches
+    unless ``into_cond``)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name == "cond" and not into_cond:
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    names |= _primitives(getattr(sub, "jaxpr", sub), into_cond)
+    return names
+
+
+def test_bounded_cuts_and_greedy_batches_never_sort_the_vocabulary():
+    """The whole-vocabulary sort sits only in the fallback branch of a conditional; a greedy batch's
+    draw (filtering and random numbers) sits only in the other branch of another."""
+    from jaxlm.generate import filter_logits
+
+    x = jnp.ones((2, 1000), jnp.float32)
+    jaxpr = jax.make_jaxpr(filter_logits)(x, jnp.float32(1), jnp.int32(40), jnp.float32(0.9)).jaxpr
+    outside = _primitives(jaxpr, into_cond=False)
+    assert "sort" not in outside and {"top_k", "cond"} <= outside
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    assert ["sort" in _primitives(b.jaxpr) for b in cond.params["branches"]] == [True, False]
+    # and XLA keeps it so: lax.top_k stays a top-k (a full sort plus a slice, were its result indexed
+    # past the slice), the sort stays in the conditional's branch
+    hlo = jax.jit(filter_logits).lower(x, jnp.float32(1), jnp.int32(40), jnp.float32(0.9)).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    assert "conditional(" in entry and " sort(" not in entry, entry
+    jaxpr = jax.make_jaxpr(sample_logits)(x, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)).jaxpr
+    outside = _primitives(jaxpr, into_cond=False)
+    assert "cond" in outside and {"top_k", "sort", "random_bits"}.isdisjoint(outside)
+    assert {"top_k", "sort"} <= _primitives(jaxpr)

@@ -9,8 +9,10 @@ Order, as vLLM's sampler applies it: OpenAI's penalties on the raw logits
 (``mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty``, ``c[j]`` the count of ``j``
 among the tokens generated so far; platform.openai.com/docs/advanced-usage, "Frequency and presence
 penalties"), stop ids masked while ``min_tokens`` is not reached, then temperature, top-k, top-p
-(:func:`jaxlm.generate.filter_logits`). Greedy rows (temperature 0) take the arg-max of the
-penalised logits; their log-probabilities use temperature 1.
+(:func:`jaxlm.generate.filter_logits`, which sorts the vocabulary only when a row's cut cannot be
+found among its best :data:`~jaxlm.generate.CANDIDATES` tokens). Greedy rows (temperature 0) take
+the arg-max of the penalised logits (a greedy batch draws no random numbers); their
+log-probabilities use temperature 1.
 """
 
 from __future__ import annotations
@@ -46,9 +48,14 @@ def sample_rows(logits_BxV, keys_B, generated_BxL, banned_BxS, temperature_B, to
     logits = jnp.where(ban, -jnp.inf, logits)
     greedy_B = temperature_B == 0
     t_B = jnp.where(greedy_B, 1.0, temperature_B)
-    processed = jax.vmap(lambda lg, t, k, p: filter_logits(lg[None], t, k, p)[0])(logits, t_B, top_k_B, top_p_B)
-    sampled = jax.vmap(lambda key, lg: jax.random.categorical(key, lg[None], axis=-1)[0])(keys_B, processed)
-    next_B = jnp.where(greedy_B, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    processed = filter_logits(logits, t_B, top_k_B, top_p_B)  # the whole batch at once: see its cost rule
+    argmax_B = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        sampled = jax.vmap(lambda key, lg: jax.random.categorical(key, lg[None], axis=-1)[0])(keys_B, processed)
+        return jnp.where(greedy_B, argmax_B, sampled.astype(jnp.int32))
+
+    next_B = jax.lax.cond(jnp.all(greedy_B), lambda: argmax_B, draw)
     logprobs = jnp.maximum(jax.nn.log_softmax(processed, axis=-1), LOGPROB_FLOOR)
     chosen = jnp.take_along_axis(logprobs, next_B[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
