@@ -193,6 +193,15 @@ def test_batched_text_prompts_with_echo(client):
         assert choice.text == prompt + alone.choices[0].text
 
 
+def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(client):
+    ids = np.random.default_rng(21).integers(1, VOCAB, 40).tolist()
+    first, again = (client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0) for _ in range(2))
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == 40
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32  # two full pages of 16; the last token is recomputed
+    assert again.choices[0].text == first.choices[0].text
+
+
 def test_stream_include_usage_matches_the_plain_answer(client):
     kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=9, temperature=0.8, seed=2)
     plain = client.chat.completions.create(**kw)
@@ -248,21 +257,24 @@ def test_a_bad_top_k_fails_only_its_own_request(client, http):
 def test_a_client_that_disconnects_cancels_its_request(server, http):
     url = server[0]
     before = _idle(http)
-    body = {"prompt": PROMPT, "max_tokens": 50, "n": 12, "temperature": 1.0, "ignore_eos": True}
+    # 128 requests of 50 tokens (6,400 tokens, 1,600 decode steps of the 4-row batch): far more than
+    # the half second the client waits, however fast the steps
+    body = {"prompt": [PROMPT] * 8, "max_tokens": 50, "n": 16, "temperature": 1.0, "ignore_eos": True}
+    total = 8 * 16 * 50
     with pytest.raises(httpx.ReadTimeout):  # not streaming: the client gives up after 0.5 s
         httpx.post(url + "/v1/completions", json=body, headers=http.headers, timeout=0.5)
     after = _idle(http)
     decoded = after["jaxlm_decode_tokens_total"] - before["jaxlm_decode_tokens_total"]
-    print(f"\ntokens decoded for a non-streaming request of 600 whose client left after 0.5 s: {decoded:.0f}")
-    assert after["jaxlm_kv_cache_pages_used"] == 0 and decoded < 12 * 50 / 2
-    assert after["jaxlm_requests_finished_total"] - before["jaxlm_requests_finished_total"] < 12
+    print(f"\ntokens decoded for a non-streaming request of {total} whose client left after 0.5 s: {decoded:.0f}")
+    assert after["jaxlm_kv_cache_pages_used"] == 0 and decoded < total / 2
+    assert after["jaxlm_requests_finished_total"] - before["jaxlm_requests_finished_total"] < 128
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=http.headers,
                       timeout=30) as r:  # streaming: it reads one event, then goes
         assert next(r.iter_lines()).startswith("data: {")
     end = _idle(http)
     decoded = end["jaxlm_decode_tokens_total"] - after["jaxlm_decode_tokens_total"]
-    print(f"tokens decoded for a stream of 600 whose client left after one event: {decoded:.0f}")
-    assert end["jaxlm_kv_cache_pages_used"] == 0 and decoded < 12 * 50 / 2
+    print(f"tokens decoded for a stream of {total} whose client left after one event: {decoded:.0f}")
+    assert end["jaxlm_kv_cache_pages_used"] == 0 and decoded < total / 2
 
 
 def _deep(n):

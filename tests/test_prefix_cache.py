@@ -208,6 +208,8 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(model, sampled):
     again = _run(on, requests[:1], [0])  # the same prompt again: all its full pages but the last token's
     assert again == _run(off, requests[:1], [0])
     assert on.stats()["prefix_cache_hits_total"] - s_on["prefix_cache_hits_total"] == (len(requests[0].prompt) - 1) // PAGE * PAGE
+    (out,), (out_off,) = on.generate(requests[:1]), off.generate(requests[:1])  # what usage reports as cached_tokens
+    assert out.cached_tokens == (len(requests[0].prompt) - 1) // PAGE * PAGE and out_off.cached_tokens == 0
 
 
 def test_preempted_request_refinds_its_own_pages(model):

@@ -98,6 +98,7 @@ class _Sequence:
     knobs: tuple  # sampling knobs in the step's dtypes (jaxlm.serve.sampling.knobs)
     sent: int = 0  # characters of the text already handed out in events
     num_cached: int = 0  # tokens whose keys/values are in the cache
+    prompt_cached: int | None = None  # prompt tokens the prefix cache held at its first admission
     pages: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, as far as computed
     lost: int = 0  # tokens it had cached when last preempted
@@ -367,6 +368,8 @@ class Engine:
                                                            self.pages_per_seq)
                 self.metrics.record_host_load(len(new))
             seq.num_cached = cached
+            if seq.prompt_cached is None:
+                seq.prompt_cached = cached
             self.metrics.record_prefix_lookup(len(seq.tokens), cached, len(loads) * self.page_size,
                                               max(seq.lost - cached, 0))
             seq.lost = 0
@@ -524,7 +527,7 @@ class Engine:
         self.metrics.record_finished()
         out = Output(
             seq.request_id, seq.prompt_ids, seq.generated, text[:end] if seq.detok is not None else None, reason,
-            seq.preemptions, seq.first_token_s, seq.logprobs,
+            seq.preemptions, seq.first_token_s, seq.logprobs, seq.prompt_cached or 0,
         )
         return Event(seq.request_id, [token], out, delta, None if lp is None else [lp])
 

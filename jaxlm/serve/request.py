@@ -108,3 +108,4 @@ class Output:
     preemptions: int = 0
     time_to_first_token_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when the request asked
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache when it was first scheduled (not prefilled)

@@ -107,10 +107,14 @@ class Choices:
                 "top_logprobs": [{self._token(a): b for a, b in lp.top} for lp in logprobs], "text_offset": offsets}
 
     # ---------------------------------------------------------------- whole responses
-    def usage(self) -> dict[str, int]:
-        prompt = sum(len(o.prompt_ids) for k, o in enumerate(self.outputs) if o is not None and k % self.n == 0)
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's ``usage``; ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the prefix
+        cache held (each prompt once, as ``prompt_tokens``: the first of its ``n`` choices)."""
+        firsts = [o for k, o in enumerate(self.outputs) if o is not None and k % self.n == 0]
+        prompt = sum(len(o.prompt_ids) for o in firsts)
         completion = sum(len(o.token_ids) for o in self.outputs if o is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in firsts)}}
 
     def response(self) -> dict[str, Any]:
         choices = []
