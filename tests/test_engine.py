@@ -267,3 +267,52 @@ def test_a_request_whose_output_fails_fails_alone(engine, prompts, reference):
     assert errors == {bad: "RuntimeError: broken stop set"}
     assert list(outputs) == [good] and outputs[good].token_ids == reference[0]
     assert engine.allocator.num_used == 0
+
+
+POISON = 4095  # a prompt holding this id makes the (wrapped) device call fail
+
+
+def _drain(engine):
+    errors, outputs = {}, {}
+    while engine.has_work():
+        for e in engine.step():
+            if e.error is not None:
+                errors[e.request_id] = e.error
+            if e.output is not None:
+                outputs[e.request_id] = e.output
+        _check_pages(engine)
+    return errors, outputs
+
+
+@pytest.mark.parametrize("consumes_pools", [False, True], ids=["pools-kept", "pools-lost"])
+def test_a_device_call_that_fails_for_one_request_fails_only_it(model, prompts, reference, monkeypatch, consumes_pools):
+    """A call whose batch holds the poisoned prompt raises, before it consumed the donated KV pools
+    (then run alone, only the poisoned request fails) or after (then the requests of that call fail,
+    the others lose their cache and recompute). Every other request gives its reference tokens, and
+    the engine serves on."""
+    import jaxlm.serve.engine as engine_module
+
+    real = engine_module._forward_and_sample
+
+    def flaky(graphdef, state, k_pool, v_pool, tokens_BxT, *rest):
+        if (np.asarray(tokens_BxT) == POISON).any():
+            if consumes_pools:
+                k_pool.delete(), v_pool.delete()
+            raise RuntimeError("device says no\nsecond line")
+        return real(graphdef, state, k_pool, v_pool, tokens_BxT, *rest)
+
+    monkeypatch.setattr(engine_module, "_forward_and_sample", flaky)
+    engine = Engine(model, num_pages=24, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2)
+    requests = _greedy(prompts)
+    bad = dataclasses.replace(requests[2], prompt=[POISON] + list(requests[2].prompt[1:]))
+    ids = [engine.add_request(r) for r in requests[:2]]
+    for _ in range(3):  # the first two are decoding when the poisoned one arrives
+        engine.step()
+    ids += [engine.add_request(bad)] + [engine.add_request(r) for r in requests[3:]]
+    errors, outputs = _drain(engine)
+    failed = ids[2:4] if consumes_pools else ids[2:3]  # prefilled together (prefill_batch=2)
+    assert errors == {i: "engine step failed: RuntimeError: device says no" for i in failed}
+    assert {i: o.token_ids for i, o in outputs.items()} == {i: ref for i, ref in zip(ids, reference) if i not in failed}
+    assert engine.allocator.num_used == 0
+    assert engine.stats()["preemptions_total"] == (2 if consumes_pools else 0)  # the two decoding lost their cache
+    assert [o.token_ids for o in engine.generate(requests[2:4])] == reference[2:4]  # the same engine serves on

@@ -211,17 +211,19 @@ class Engine:
         self.metrics = EngineMetrics(clock)
         self._clock = clock
         self._graphdef, self._state = nnx.split(model)
-        k, v = init_paged_pools(model.cfg, num_pages, page_size)
-        if mesh is not None:
-            sharding = NamedSharding(mesh, logical_spec(PAGED_CACHE_AXES))
-            k, v = jax.device_put(k, sharding), jax.device_put(v, sharding)
-        else:  # committed from the start, as the page copies leave them: one compiled program per shape
-            k, v = jax.device_put(k, device), jax.device_put(v, device)
-        self._k_pool, self._v_pool = k, v
+        self._k_pool, self._v_pool = self._new_pools(num_pages, device)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._slots: list[_Sequence | None] = [None] * self.max_batch
         self._admissions = itertools.count()
         self._ids = itertools.count()
+
+    def _new_pools(self, num_pages: int, device) -> tuple[jax.Array, jax.Array]:
+        k, v = init_paged_pools(self.cfg, num_pages, self.page_size)
+        if self.mesh is not None:
+            sharding = NamedSharding(self.mesh, logical_spec(PAGED_CACHE_AXES))
+            return jax.device_put(k, sharding), jax.device_put(v, sharding)
+        # committed from the start, as the page copies leave them: one compiled program per shape
+        return jax.device_put(k, device), jax.device_put(v, device)
 
     # ---------------------------------------------------------------- requests in
     def check(self, request: Request) -> list[int]:
@@ -447,6 +449,39 @@ class Engine:
         out, self._k_pool, self._v_pool = self._on_mesh(_forward_and_sample, *args)
         return tuple(np.asarray(a) for a in jax.device_get(out))
 
+    def _call_isolated(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> list[list[np.ndarray] | str]:
+        """Each sequence's sampled row of one call, or the one-line error of a call that failed for it.
+
+        A failed call is run again one sequence at a time, so a failure that one request causes fails
+        only that request. A failure that consumed the KV pools (the device call had taken them) loses
+        every request's cache: the pools are made anew, the other running requests are preempted (they
+        recompute, with the same tokens) and the ones of this call fail.
+        """
+        try:
+            out = self._call(seqs, rows, width, row_of)
+            return [[a[row_of(i, s)] for a in out] for i, s in enumerate(seqs)]
+        except Exception as e:  # noqa: BLE001 - isolated below
+            error = f"engine step failed: {type(e).__name__}: {e}".splitlines()[0]
+            if self._k_pool.is_deleted() or self._v_pool.is_deleted():
+                self._lose_pools(keep=seqs)
+                return [error] * len(seqs)
+            if len(seqs) == 1:
+                return [error]
+            return [self._call_isolated([s], rows, width, lambda _i, _s, i=i, s=s: row_of(i, s))[0]
+                    for i, s in enumerate(seqs)]
+
+    def _lose_pools(self, keep: list[_Sequence]) -> None:
+        """New, empty KV pools and page table after the old ones were lost; every running request but
+        ``keep`` (about to fail) goes back to the queue to recompute."""
+        for seq in self.running:
+            if seq not in keep:
+                self._preempt(seq)
+        for seq in keep:
+            seq.pages = []  # the old allocator's pages: nothing to free in the new one
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        self._k_pool, self._v_pool = self._new_pools(self.allocator.num_pages, device)
+        self.allocator = PageAllocator(self.allocator.num_pages, on_evict=self._offload if self.host.capacity else None)
+
     def warmup(self) -> None:
         """Compile the prefill and decode programs (their rows all point at the scratch page), and
         with a host tier the page copies (of the scratch page onto itself)."""
@@ -469,15 +504,19 @@ class Engine:
             fed = [min(s.remaining, width) for s in seqs]
             f, b = call_flops_and_bytes(self.cfg, [(s.num_cached, n) for s, n in zip(seqs, fed)])
             flops, moved = flops + f, moved + b
-            next_tokens = self._call(seqs, rows, width, row_of)
+            seqs_fed = [(s, n) for s, n in zip(seqs, fed) if s.slot >= 0]  # a lost pool may have preempted some
+            sampled = self._call_isolated([s for s, _ in seqs_fed], rows, width, row_of)
             (self.metrics.record_prefill if width > 1 else self.metrics.record_decode)(sum(fed))
             now = self._clock()
-            for i, (seq, n) in enumerate(zip(seqs, fed)):
+            for (seq, n), row in zip(seqs_fed, sampled):
+                if isinstance(row, str):
+                    events.append(self._fail(seq, row))
+                    continue
                 seq.num_cached += n
                 self._name_pages(seq, seq.num_cached - n)
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
                     try:
-                        events.append(self._append(seq, [a[row_of(i, seq)] for a in next_tokens], now))
+                        events.append(self._append(seq, row, now))
                     except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
                         events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         if prefill or decode:
