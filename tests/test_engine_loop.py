@@ -2,7 +2,7 @@
 
 import types
 
-from jaxlm.serve.engine import Event
+from jaxlm.serve.sequence import Event
 from jaxlm.serve.request import Output
 from jaxlm.serve.server import EngineLoop
 

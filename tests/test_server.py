@@ -100,7 +100,8 @@ def test_greedy_completion_equals_standalone_generation(server, model):
     out = json.loads(body)
     want = generate_tokens(model, [prompt], DecodeConfig(max_new_tokens=10, temperature=0.0))[0]
     assert out["choices"][0]["text"] == load_tokenizer().decode(want)
-    assert out["usage"] == {"prompt_tokens": 21, "completion_tokens": 10, "total_tokens": 31}
+    assert out["usage"] == {"prompt_tokens": 21, "completion_tokens": 10, "total_tokens": 31,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     assert out["choices"][0]["finish_reason"] == "length"
 
 

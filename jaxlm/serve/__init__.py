@@ -1,7 +1,8 @@
 """Serving: continuous batching over a paged KV cache (:mod:`.engine`) behind an HTTP server (:mod:`.server`)."""
 
 from jaxlm.serve.allocator import OutOfPages, PageAllocator
-from jaxlm.serve.engine import Engine, Event
+from jaxlm.serve.engine import Engine
+from jaxlm.serve.sequence import Event
 from jaxlm.serve.exporter import EngineCollector
 from jaxlm.serve.metrics import EngineMetrics
 from jaxlm.serve.request import Output, Request, RequestError, TokenLogprobs

@@ -18,14 +18,15 @@ them and compute the rest (prompt and the tokens it generated so far) once pages
 Sampling draws token ``i`` of a request from ``fold_in(key(seed), i)`` with that request's own
 knobs (temperature, top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sampling`, which
 also gives each token's log-probabilities), so its output does not depend on what else is in the
-batch, nor on preemption. A request whose output cannot be made (an exception in
-:meth:`Engine._append`) fails alone: its event carries the error and its pages are released.
+batch, nor on preemption. Each request's state, stop rules and text live in
+:mod:`jaxlm.serve.sequence`. A request whose output cannot be made (an exception in
+:meth:`Engine._append`) fails alone: its event carries the error and its pages are released; so
+does one that makes a device call fail (:meth:`Engine._call_isolated`).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -51,6 +52,7 @@ from jaxlm.serve.metrics import EngineMetrics
 from jaxlm.serve.prefix_cache import HostTier, compile_page_copies, copy_from_host, copy_to_host, page_hashes
 from jaxlm.serve.request import MAX_STOP_TOKEN_IDS, Output, Request, RequestError, TokenLogprobs
 from jaxlm.serve.sampling import SamplingRows, knobs, sample_rows
+from jaxlm.serve.sequence import Event, RequestState
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
 
@@ -69,53 +71,6 @@ def _forward_and_sample(graphdef, state, k_pool, v_pool, tokens_BxT, positions_B
     sampled = sample_rows(last_BxV, keys, *sampling)
     k, v = cache.layer_stack()[0]
     return sampled, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
-
-
-@dataclasses.dataclass
-class Event:
-    """What one step produced for one request: its new tokens, the text that became final with
-    them (empty without a tokenizer; all deltas of a request concatenate to its output's text),
-    and its output once finished."""
-
-    request_id: str
-    new_token_ids: list[int]
-    output: Output | None = None
-    text: str = ""
-    logprobs: list[TokenLogprobs] | None = None  # for new_token_ids, when the request asked
-    error: str | None = None  # the request failed (it holds no pages any more); output stays None
-
-
-@dataclasses.dataclass(eq=False)
-class _Sequence:
-    request: Request
-    request_id: str
-    prompt_ids: list[int]
-    tokens: list[int]  # prompt + generated
-    seed: int
-    arrival: float
-    stop_ids: frozenset[int]  # ids that end it: the engine's EOS set (unless ignore_eos) + stop_token_ids
-    detok: IncrementalDetokenizer | None  # its text, decoded against the prompt
-    knobs: tuple  # sampling knobs in the step's dtypes (jaxlm.serve.sampling.knobs)
-    sent: int = 0  # characters of the text already handed out in events
-    num_cached: int = 0  # tokens whose keys/values are in the cache
-    prompt_cached: int | None = None  # prompt tokens the prefix cache held at its first admission
-    pages: list[int] = dataclasses.field(default_factory=list)
-    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, as far as computed
-    lost: int = 0  # tokens it had cached when last preempted
-    admitted: int = -1  # admission order: higher is more recent
-    slot: int = -1  # row in the decode batch; -1 while waiting
-    preemptions: int = 0
-    first_token_s: float | None = None
-    last_token_s: float | None = None
-    logprobs: list[TokenLogprobs] | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
-
-    @property
-    def remaining(self) -> int:  # tokens still to feed; 1 means decoding
-        return len(self.tokens) - self.num_cached
 
 
 def sampling_seed(seed: int) -> int:
@@ -212,8 +167,8 @@ class Engine:
         self._clock = clock
         self._graphdef, self._state = nnx.split(model)
         self._k_pool, self._v_pool = self._new_pools(num_pages, device)
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._slots: list[_Sequence | None] = [None] * self.max_batch
+        self._waiting: collections.deque[RequestState] = collections.deque()
+        self._slots: list[RequestState | None] = [None] * self.max_batch
         self._admissions = itertools.count()
         self._ids = itertools.count()
 
@@ -264,7 +219,7 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         stop = frozenset(stop_ids(self.eos_token_ids, request.stop_token_ids, request.ignore_eos))
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        seq = _Sequence(request, rid, ids, list(ids), sampling_seed(seed), self._clock(), stop, detok,
+        seq = RequestState(request, rid, ids, list(ids), sampling_seed(seed), self._clock(), stop, detok,
                         knobs(request, self.cfg.vocab_size))
         seq.logprobs = [] if request.logprobs is not None else None
         self._waiting.append(seq)
@@ -284,7 +239,7 @@ class Engine:
 
     # ---------------------------------------------------------------- state
     @property
-    def running(self) -> list[_Sequence]:
+    def running(self) -> list[RequestState]:
         return sorted((s for s in self._slots if s is not None), key=lambda s: s.admitted)
 
     @property
@@ -319,13 +274,13 @@ class Engine:
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def _hashes(self, seq: _Sequence, pages: int) -> list[bytes]:
+    def _hashes(self, seq: RequestState, pages: int) -> list[bytes]:
         """Hashes of the sequence's first ``pages`` full pages (computed once, kept on it)."""
         if len(seq.hashes) < pages:
             seq.hashes = page_hashes(seq.tokens[: pages * self.page_size], self.page_size, self.extra_key, seq.hashes)
         return seq.hashes[:pages]
 
-    def _match(self, seq: _Sequence) -> list[tuple[int | None, bytes]]:
+    def _match(self, seq: RequestState) -> list[tuple[int | None, bytes]]:
         """The longest run of the sequence's leading full pages that need no computing: ``(page,
         hash)`` for a page in the pool, ``(None, hash)`` for one to copy back from host memory.
         Its last token is always left out (it must be computed to have logits to sample from)."""
@@ -388,20 +343,20 @@ class Engine:
         with jax.set_mesh(self.mesh):
             return fn(*args)
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: RequestState) -> None:
         """Give back a sequence's pages (named ones stay cached) and its batch slot."""
         self.allocator.free(seq.pages)
         seq.pages = []
         if seq.slot >= 0:
             self._slots[seq.slot], seq.slot = None, -1
 
-    def _preempt(self, seq: _Sequence) -> None:
+    def _preempt(self, seq: RequestState) -> None:
         self.metrics.record_preemption()
         seq.lost, seq.num_cached, seq.preemptions = seq.num_cached, 0, seq.preemptions + 1
         self._release(seq)
         self._waiting.appendleft(seq)
 
-    def _name_pages(self, seq: _Sequence, before: int) -> None:
+    def _name_pages(self, seq: RequestState, before: int) -> None:
         """Register the pages the last call filled (cached tokens went from ``before`` to now)."""
         if not self.enable_prefix_caching:
             return
@@ -410,7 +365,7 @@ class Engine:
         for i in range(before // self.page_size, full):
             self.allocator.register(seq.pages[i], hashes[i])  # False for a copy of a named page: it stays unnamed
 
-    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
+    def _schedule(self) -> tuple[list[RequestState], list[RequestState]]:
         """(sequences to prefill a chunk of, sequences to decode), their pages taken."""
         running = self.running
         prefill = [s for s in running if s.remaining > 1][: self.prefill_batch]
@@ -430,7 +385,7 @@ class Engine:
         return [s for s in prefill if s.slot >= 0], [s for s in decode if s.slot >= 0]
 
     # ---------------------------------------------------------------- running
-    def _call(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> tuple[np.ndarray, ...]:
+    def _call(self, seqs: list[RequestState], rows: int, width: int, row_of) -> tuple[np.ndarray, ...]:
         tokens = np.zeros((rows, width), np.int32)
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
         table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
@@ -449,7 +404,7 @@ class Engine:
         out, self._k_pool, self._v_pool = self._on_mesh(_forward_and_sample, *args)
         return tuple(np.asarray(a) for a in jax.device_get(out))
 
-    def _call_isolated(self, seqs: list[_Sequence], rows: int, width: int, row_of) -> list[list[np.ndarray] | str]:
+    def _call_isolated(self, seqs: list[RequestState], rows: int, width: int, row_of) -> list[list[np.ndarray] | str]:
         """Each sequence's sampled row of one call, or the one-line error of a call that failed for it.
 
         A failed call is run again one sequence at a time, so a failure that one request causes fails
@@ -470,7 +425,7 @@ class Engine:
             return [self._call_isolated([s], rows, width, lambda _i, _s, i=i, s=s: row_of(i, s))[0]
                     for i, s in enumerate(seqs)]
 
-    def _lose_pools(self, keep: list[_Sequence]) -> None:
+    def _lose_pools(self, keep: list[RequestState]) -> None:
         """New, empty KV pools and page table after the old ones were lost; every running request but
         ``keep`` (about to fail) goes back to the queue to recompute."""
         for seq in self.running:
@@ -524,51 +479,28 @@ class Engine:
                                      flops, moved)
         return events
 
-    def _fail(self, seq: _Sequence, message: str) -> Event:
+    def _fail(self, seq: RequestState, message: str) -> Event:
         """Drop a running request whose output could not be made; its event carries the error."""
         self._release(seq)
         return Event(seq.request_id, [], error=message)
 
-    def _append(self, seq: _Sequence, sampled: list[np.ndarray], now: float) -> Event:
+    def _append(self, seq: RequestState, sampled: list[np.ndarray], now: float) -> Event:
         token, lp = int(sampled[0]), None
         if seq.logprobs is not None:
             lp = TokenLogprobs(float(sampled[1]), tuple(zip(sampled[2][: seq.request.logprobs].tolist(),
                                                              sampled[3][: seq.request.logprobs].tolist())))
-            seq.logprobs.append(lp)
-        seq.tokens.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = now - seq.arrival
             self.metrics.record_first_token(seq.first_token_s)
         else:
             self.metrics.record_inter_token(now - seq.last_token_s)
         seq.last_token_s = now
-        reason, end = None, None
-        if token in seq.stop_ids:
-            reason = "stop"  # the stopping token stays out of the text
-        elif seq.detok is not None:
-            seq.detok.push([token])
-        text = seq.detok.text if seq.detok is not None else ""
-        early = len(seq.generated) < seq.request.min_tokens  # no stop string before min_tokens
-        if reason is None and seq.request.stop and not early:  # a stop string can only begin in text not yet sent
-            hits = [i for i in (text.find(s, seq.sent) for s in seq.request.stop) if i >= 0]
-            if hits:
-                reason, end = "stop", min(hits)
-        if reason is None and len(seq.generated) >= seq.request.max_tokens:
-            reason = "length"
-        if reason is None:  # hold back an incomplete character and what may begin a stop string
-            end = seq.detok.stable if seq.detok is not None else 0
-            end -= max((k for s in seq.request.stop for k in range(1, len(s)) if text[:end].endswith(s[:k])), default=0)
-        end = len(text) if end is None else end
-        delta, seq.sent = text[seq.sent:end], max(seq.sent, end)
+        reason, delta = seq.accept(token, lp)
         if reason is None:
             return Event(seq.request_id, [token], text=delta, logprobs=None if lp is None else [lp])
         self._release(seq)
         self.metrics.record_finished()
-        out = Output(
-            seq.request_id, seq.prompt_ids, seq.generated, text[:end] if seq.detok is not None else None, reason,
-            seq.preemptions, seq.first_token_s, seq.logprobs, seq.prompt_cached or 0,
-        )
-        return Event(seq.request_id, [token], out, delta, None if lp is None else [lp])
+        return Event(seq.request_id, [token], seq.output(reason), delta, None if lp is None else [lp])
 
     # ---------------------------------------------------------------- convenience loops
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[str, list[int]]]:
