@@ -10,6 +10,13 @@ tokens/s per batch size. Each side is warmed up once (jaxlm's compile, torch's f
 then the best of ``--repeats`` timed runs is kept; the time covers prefill plus every decoding step.
 The engine runs without its prefix cache (each row prefills its own prompt, as the other two do).
 Compare only on a quiet machine: torch's thread pool collapses under load.
+
+A second table sets ``generate_tokens``' decode step (the time of 2N new tokens minus that of N,
+over N, EOS ignored) against its bound, max(weight bytes / memory bandwidth, FLOPs / matmul rate),
+both rates measured here: the bandwidth as the best read of a 512 MiB array (a jitted sum), the
+matmul rate as the best 1024^3 float32 matmul. FLOPs per token are 2 x parameters (every weight is
+one multiply-add per token, the tied embedding once as the output projection) plus attention's
+4 x layers x heads x head_dim x context.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from jaxlm.config import DecodeConfig  # noqa: E402
 from jaxlm.generate import generate_tokens  # noqa: E402
@@ -65,6 +74,33 @@ def engine_generate(model, ids: list[int], batch: int, max_new_tokens: int, eot:
                     prefill_chunk=64, prefill_batch=batch, eos_token_id=eot, enable_prefix_caching=False)
     request = Request(list(ids), max_tokens=max_new_tokens, temperature=0.0)
     return lambda: [o.token_ids for o in engine.generate([request] * batch)]
+
+
+def measured_rates() -> tuple[float, float]:
+    """(memory bandwidth in bytes/s, float32 matmul rate in FLOP/s) of this device, best of 5."""
+    x = jax.device_put(np.ones((2**27,), np.float32))  # 512 MiB
+    a = jax.device_put(np.random.default_rng(0).standard_normal((1024, 1024), np.float32))
+    read, mm = jax.jit(jnp.sum), jax.jit(lambda a: a @ a)
+    t_read, _ = best_time(lambda: read(x).block_until_ready(), 5)
+    t_mm, _ = best_time(lambda: mm(a).block_until_ready(), 5)
+    return x.nbytes / t_read, 2 * 1024**3 / t_mm
+
+
+def decode_step_vs_bound(model, ids: list[int], batch: int, steps: int, rates: tuple[float, float]) -> dict:
+    """``generate_tokens``' decode step at ``batch`` and its bound (see the module docstring)."""
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    cfg = model.cfg
+    context = len(ids) + 1.5 * steps  # the mean context of the timed steps
+    flops = batch * (2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context)
+    run = lambda n: lambda: generate_tokens(model, [ids] * batch, DecodeConfig(temperature=0.0, max_new_tokens=n),
+                                           ignore_eos=True)
+    t_short, _ = best_time(run(steps), 3)
+    t_long, _ = best_time(run(2 * steps), 3)
+    step = (t_long - t_short) / steps
+    bound = max(weight_bytes / rates[0], flops / rates[1])
+    return {"batch": batch, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound, "weight_read_ms": 1e3 * weight_bytes / rates[0],
+            "flops_ms": 1e3 * flops / rates[1], "step_over_bound": step / bound}
 
 
 def main() -> None:
@@ -131,8 +167,17 @@ def main() -> None:
     for r in results:
         print(f"| {r['batch']} | {r['engine']} | {r['new_tokens']} | {r['time_s']:.2f} | {r['tokens_per_s']:.1f} "
               f"| {r['tokens_per_s'] / hf[r['batch']]:.2f}x |")
+    rates = measured_rates()
+    steps = [decode_step_vs_bound(model, ids, b, args.max_new_tokens // 2, rates) for b in args.batch]
+    print(f"\nmeasured: memory bandwidth {rates[0] / 1e9:.1f} GB/s, float32 matmul {rates[1] / 1e9:.1f} GFLOP/s\n")
+    print("| batch | decode step (ms) | weight read (ms) | FLOPs (ms) | step / bound |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in steps:
+        print(f"| {r['batch']} | {r['step_ms']:.1f} | {r['weight_read_ms']:.1f} | {r['flops_ms']:.1f} | {r['step_over_bound']:.2f} |")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"load_average": os.getloadavg()[0], "results": results}, indent=2) + "\n")
+        pathlib.Path(args.json).write_text(json.dumps({
+            "load_average": os.getloadavg()[0], "results": results, "decode_steps": steps,
+            "memory_bandwidth_bytes_per_s": rates[0], "matmul_flops_per_s": rates[1]}, indent=2) + "\n")
     if failed:
         raise SystemExit("greedy outputs differ")
 
