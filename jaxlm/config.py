@@ -475,4 +475,10 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str]
             data = _merge(data, _read_yaml(pathlib.Path(item)))
         else:
             data = _merge(data, parse_overrides([item]))
-    return config_from_dict(data)
+    cfg = _build(Config, data, "")
+    model_keys = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    if cfg.model.init_from and model_keys:  # before validate: the source's values explain a mismatch best
+        from jaxlm.pretrained import check_given_architecture
+
+        check_given_architecture(cfg, model_keys)
+    return validate(cfg)

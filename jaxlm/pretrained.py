@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterable
 
 from flax import nnx
 from jax.sharding import Mesh
@@ -67,25 +68,45 @@ def source_model_config(path: str | pathlib.Path) -> tuple[ModelConfig, str]:
 
 
 def resolve_init_from(cfg: Config) -> Config:
-    """``cfg`` with the architecture of ``cfg.model.init_from`` (unchanged when it is empty).
+    """``cfg`` with the architecture of ``cfg.model.init_from`` (unchanged when it is empty), whose
+    path is made absolute: the run records it (a LoRA run re-reads its base from it), so the run
+    works from any working directory.
 
     A ``model.*`` architecture key whose value is neither the default nor the source's is refused
     (ConfigError naming both values): the source decides the architecture.
     """
     if not cfg.model.init_from:
         return cfg
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, init_from=os.path.abspath(cfg.model.init_from)))
     source, _ = source_model_config(cfg.model.init_from)
     default = ModelConfig()
     arch = {}
     for name in ARCHITECTURE:
         given, theirs = getattr(cfg.model, name), getattr(source, name)
         if given != theirs and given != getattr(default, name):
-            raise ConfigError(
-                f"model.{name}={given} contradicts model.init_from '{cfg.model.init_from}', which has {name}={theirs}; "
-                f"drop model.{name} (the architecture comes from the pretrained model)"
-            )
+            raise _contradiction(cfg, name, theirs)
         arch[name] = theirs
     return cfg.replace(model=dataclasses.replace(cfg.model, **arch))
+
+
+def check_given_architecture(cfg: Config, given: Iterable[str]) -> None:
+    """Refuse an architecture key named in ``given`` (the ``model`` keys a config file or override
+    set) that contradicts ``cfg.model.init_from``, also when its value is the default (which
+    :func:`resolve_init_from`, seeing only values, must let through)."""
+    keys = [name for name in ARCHITECTURE if name in set(given)]
+    if not cfg.model.init_from or not keys:
+        return
+    source, _ = source_model_config(cfg.model.init_from)
+    for name in keys:
+        if getattr(cfg.model, name) != getattr(source, name):
+            raise _contradiction(cfg, name, getattr(source, name))
+
+
+def _contradiction(cfg: Config, name: str, theirs: Any) -> ConfigError:
+    return ConfigError(
+        f"model.{name}={getattr(cfg.model, name)} contradicts model.init_from '{cfg.model.init_from}', which has "
+        f"{name}={theirs}; drop model.{name} (the architecture comes from the pretrained model)"
+    )
 
 
 def load_pretrained(cfg: Config, mesh: Mesh | None) -> nnx.State:

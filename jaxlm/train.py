@@ -21,6 +21,7 @@ the metrics log, printed lines, the progress bar, the preemption check and the p
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -322,7 +323,10 @@ def _evaluate(trainer: Trainer, params: nnx.State, batches: list[dict[str, jax.A
 
 
 def _model_diff(saved: Config, cfg: Config) -> list[str]:
-    return [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+    def key(m, name):  # init_from: runs that recorded a relative path compare by the path it means here
+        value = getattr(m, name)
+        return os.path.abspath(value) if name == "init_from" and value else value
+    return [f.name for f in dataclasses.fields(cfg.model) if key(saved.model, f.name) != key(cfg.model, f.name)]
 
 
 def _resume(

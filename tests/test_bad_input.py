@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
+from jaxlm.interop.hf import to_hf
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.prepare import prepare_data
@@ -73,6 +74,9 @@ def world(tmp_path_factory):
     (d / "not_tokenizer.json").write_text('{"hello": "world"}\n')
     (d / "garbage.gguf").write_bytes(b"GGUF" + bytes(60))
     (d / "empty_dir").mkdir()
+    to_hf(model, cfg, d / "truncated_hf")  # a Hugging Face directory whose weights file was cut short
+    with open(d / "truncated_hf" / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
     prepare_data([str(d / "good.txt")], str(d / "data"))
     (d / "chat_tok").mkdir()  # the embedded tokenizer with a ChatML template beside it
     (d / "chat_tok" / "tokenizer.json").write_text(load_tokenizer_json_text(), encoding="utf-8")
@@ -162,8 +166,13 @@ TABLE = [
     ("train", ["train", TINY, "model.init_from={d}/missing"], 2, "model.init_from '{d}/missing' does not exist"),
     ("train", ["train", TINY, "model.init_from={d}/good.txt"], 2, "is neither a .gguf file"),
     ("train", ["train", TINY, "model.init_from={d}/garbage.gguf"], 65, "is not a readable GGUF file"),
+    ("train", ["train", TINY, "model.init_from={d}/truncated_hf"], 65, "is not a readable safetensors file"),
     ("train", ["train", TINY, "model.init_from={d}/run", "model.num_layers=3"], 2,
      "model.num_layers=3 contradicts model.init_from '{d}/run', which has num_layers=2"),
+    ("train", ["train", TINY, "model.init_from={d}/run", "model.num_layers=4"], 2,  # 4 is the default: still given
+     "model.num_layers=4 contradicts model.init_from '{d}/run', which has num_layers=2"),
+    ("train", ["train", TINY, "model.init_from={d}/run", "model.num_heads=3"], 2,  # not "not divisible by num_kv_heads"
+     "model.num_heads=3 contradicts model.init_from '{d}/run', which has num_heads=4"),
     ("train", ["train", TINY, "train.lora.rank=-1"], 2, "'train.lora.rank' must be >= 0"),
     ("train", ["train", TINY, "train.lora.rnak=4"], 2, "unknown config key 'train.lora.rnak'; did you mean 'rank'?"),
     ("train", ["train", TINY, "train.lora.alpha=0"], 2, "'train.lora.alpha' must be positive"),
@@ -220,7 +229,10 @@ TABLE = [
     ("convert", ["convert", "{d}/run", "{d}/hf", "--dtype", "float64"], 2, "invalid choice: 'float64'"),
     ("convert", ["convert", "{d}/missing", "{d}/out"], 2, "is neither a .gguf file"),
     ("convert", ["convert", "{d}/good.txt", "{d}/out"], 2, "is neither a .gguf file"),
-    ("convert", ["convert", "{d}/good.txt", "{d}/run"], 2, "is not empty"),
+    ("convert", ["convert", "{d}/good.txt", "{d}/run"], 2, "is not an empty directory"),
+    ("convert", ["convert", "{d}/run", "{d}/data"], 2, "data' is not an empty directory"),
+    ("convert", ["convert", "{d}/run", "{d}/good.txt"], 2, "good.txt' is not an empty directory"),
+    ("convert", ["convert", "{d}/truncated_hf", "{d}/out"], 65, "model.safetensors' is not a readable safetensors file"),
     ("convert", ["convert", "{d}/garbage.gguf", "{d}/out"], 65, "garbage.gguf' is not a readable GGUF file"),
     ("convert", ["convert", "{d}/run", "{d}/out", "--adapter-only"], 2, "is not a LoRA run"),
     ("convert", ["convert", "{d}/good.txt", "{d}/out", "--adapter-only"], 2, "is not a jaxlm run directory"),

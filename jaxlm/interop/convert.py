@@ -49,6 +49,8 @@ def save_imported(model: Transformer, cfg: Config, dst: pathlib.Path) -> None:
 def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "float32", adapter_only: bool = False) -> str:
     """Convert ``src`` into ``dst`` (direction from what ``src`` is). Returns a one-line summary."""
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):  # nothing already there is overwritten
+        raise ConfigError(f"'{dst}' is not an empty directory; choose a new directory to write into")
     if adapter_only:
         if not _is_checkpoint(src):
             raise ConfigError(f"--adapter-only exports a LoRA run; '{src}' is not a jaxlm run directory")
@@ -62,8 +64,6 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str = "f
         model, cfg = restore(src)
         to_hf(model, cfg, dst, dtype=dtype)
         return f"Hugging Face model written to {dst}"
-    if dst.exists() and any(dst.iterdir()):
-        raise ConfigError(f"'{dst}' is not empty; choose a new directory for the jaxlm checkpoint")
     tok_dir = dst / "tokenizer"
     if src.is_file() and src.suffix == ".gguf":
         model, cfg = from_gguf(src, dtype=dtype)

@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read BF16 tensors)
 import numpy as np
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, validate
@@ -124,6 +124,15 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def _safe_open(file: pathlib.Path):
+    """``safe_open(file)``, a truncated or garbled file being an :class:`InteropError`."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InteropError(f"'{file}' is not a readable safetensors file ({reason}); download or write it again") from None
+
+
 def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> the safetensors file holding it (single file or sharded index)."""
     index = path / "model.safetensors.index.json"
@@ -133,7 +142,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     single = path / "model.safetensors"
     if not single.is_file():
         raise InteropError(f"'{path}' has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(str(single), framework="numpy") as f:
+    with _safe_open(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -146,7 +155,7 @@ def _ignored_buffers(files) -> set[str]:  # buffers transformers also skips: RoP
 
 def _same_tensor(files: dict[str, pathlib.Path], a: str, b: str, rows: int = 8192) -> bool:
     """Whether tensors ``a`` and ``b`` hold the same values (compared a block of rows at a time)."""
-    with safe_open(str(files[a]), framework="numpy") as fa, safe_open(str(files[b]), framework="numpy") as fb:
+    with _safe_open(files[a]) as fa, _safe_open(files[b]) as fb:
         sa, sb = fa.get_slice(a), fb.get_slice(b)
         if sa.get_shape() != sb.get_shape():
             return False
@@ -207,7 +216,7 @@ def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = 
                 raise InteropError(f"tensor '{name}' is missing from the checkpoint in '{path}'")
             file = files[name]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+                handles[file] = stack.enter_context(_safe_open(file))
             return handles[file].get_slice(name)[slices]
 
         model = build_state(model_cfg, read, mesh)
