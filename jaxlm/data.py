@@ -284,11 +284,13 @@ def pack_chat_rows(
 class PackedLoader:
     """Global batch ``i`` of ``[batch_size, seq_len]`` packed rows, a pure function of (seed, i).
 
-    ``loss_on`` (``data.loss_on``) applies to chat streams (those with labels) only.
+    ``loss_on`` (``data.loss_on``) applies to chat streams (those with labels) only; a chat stream
+    none of whose targets it trains (every conversation cut to ``seq_len + 1`` tokens before its
+    first trained one) is a ConfigError naming ``what``.
     """
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                 loss_on: str = "assistant"):
+                 loss_on: str = "assistant", what: str = "the chat data"):
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.seed, self.shuffle, self.loss_on = seed, shuffle, loss_on
         self.num_truncated = 0  # chat streams: conversations longer than seq_len + 1 (their start is kept)
@@ -300,9 +302,23 @@ class PackedLoader:
             self.num_rows = (len(stream) - 1) // seq_len
         if self.num_rows < 1:
             raise ConfigError(f"a stream of {len(stream)} tokens holds no row of data.seq_len+1={seq_len + 1} tokens")
+        if stream.labels is not None and not self._trains_something():
+            raise ConfigError(f"no token of {what} is trained with data.loss_on={loss_on} once each conversation "
+                              f"is cut to data.seq_len+1={seq_len + 1} tokens; raise data.seq_len")
         many = stream.num_docs > 1 or stream.labels is not None
         self.keys = ("inputs", "targets", "positions", "loss_mask") + (("segment_ids",) if many else ())
         self._perm_epoch, self._perm = -1, np.arange(self.num_rows)
+
+    def _trains_something(self) -> bool:
+        """Whether any conversation, cut to ``seq_len + 1`` tokens, has a trained target (stops at the first)."""
+        from jaxlm.sft import trained
+
+        ends = np.append(self.stream.doc_starts[1:], len(self.stream))
+        for start, end in zip(self.stream.doc_starts, ends):
+            kept = min(int(end - start), self.seq_len + 1)
+            if trained(np.asarray(self.stream.labels[start + 1 : start + kept]), self.loss_on).any():
+                return True
+        return False
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self.shuffle and epoch != self._perm_epoch:

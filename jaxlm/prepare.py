@@ -194,6 +194,9 @@ def prepare_chat(inputs: list[str], out: str, tokenizer_path: str, seq_len: int 
                     g.write(labels.tobytes())
         if not starts:
             raise ConfigError("the inputs hold no conversation; nothing to prepare")
+        if not n_assistant:
+            raise DataError(f"no assistant token is left in the {len(starts)} conversations ({n_truncated} cut to "
+                            f"--seq-len+1={seq_len + 1} tokens); raise --seq-len")
         return _commit(tmp, out_dir, starts, dtype, vocab, n_tokens, tokenizer.token_to_id(EOS_TOKEN), tokenizer_path, {
             "labels": "labels.bin",  # uint8 per token: 0 other, 1 assistant, 2 last assistant turn
             "seq_len": seq_len,

@@ -395,7 +395,8 @@ def _loaders(cfg: Config, splits, say: Callable[[str], None]) -> tuple[PackedLoa
     """The train and validation loaders; says how many chat conversations ``data.seq_len`` cuts."""
     t, d = cfg.train, cfg.data
     sampler = PackedLoader(splits.train, d.seq_len, t.batch_size, seed=d.seed, loss_on=d.loss_on)
-    val_sampler = PackedLoader(splits.val, d.seq_len, t.batch_size, seed=0, shuffle=False, loss_on=d.loss_on)
+    val_sampler = PackedLoader(splits.val, d.seq_len, t.batch_size, seed=0, shuffle=False, loss_on=d.loss_on,
+                               what="the held-out conversations (the last data.val_fraction)")
     cut = sampler.num_truncated + val_sampler.num_truncated
     if cut:
         say(f"{cut} conversation(s) longer than data.seq_len+1={d.seq_len + 1} tokens keep their start, lose the rest")

@@ -20,7 +20,7 @@ import jaxlm
 from jaxlm.interop.hf import to_hf
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
-from jaxlm.prepare import prepare_data
+from jaxlm.prepare import prepare_chat, prepare_data
 from tests.conftest import REPO, tiny_config
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -87,6 +87,7 @@ def world(tmp_path_factory):
     (d / "chat_empty.jsonl").write_text(good_chat + good_chat + '{"messages": []}\n')
     (d / "chat_ok.jsonl").write_text(good_chat + '{"prompt": "Who?", "completion": "You."}\n')
     (d / "chat_noanswer.jsonl").write_text('{"prompt": "Who?", "completion": 3}\n')
+    prepare_chat([str(d / "chat_ok.jsonl")] * 4, str(d / "chat_data"), str(d / "chat_tok" / "tokenizer.json"), seq_len=64)
     (d / "locked").mkdir()
     (d / "locked" / "keep.txt").write_text("kept\n")
     locked = _immutable(d / "locked")
@@ -161,6 +162,8 @@ TABLE = [
     ("train", ["train", TINY, "data.text_path={d}/missing.txt"], 2, "does not exist"),
     ("train", ["train", TINY, "data.path={d}/afile"], 2, "is not a directory"),
     ("train", ["train", TINY, "data.path={d}/empty_dir"], 2, "has no meta.json"),
+    ("train", ["train", TINY, "data.path={d}/chat_data", "data.tokenizer_path={d}/chat_tok/tokenizer.json",
+               "data.seq_len=4"], 2, "no token of the chat data is trained with data.loss_on=assistant"),
     ("train", ["train", TINY, "data.tokenizer_path={d}/not_tokenizer.json"], 2, "is not a Hugging Face tokenizer.json"),
     ("train", ["train", TINY, "data.path={d}/data", "data.text_path={d}/good.txt"], 2, "not both"),
     ("train", ["train", TINY, "model.init_from={d}/missing"], 2, "model.init_from '{d}/missing' does not exist"),
@@ -261,6 +264,8 @@ TABLE = [
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_empty.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_empty.jsonl:3: 'messages' is empty"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_noanswer.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_noanswer.jsonl:1: message 1 (assistant) has content of type int"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 0, None),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer",
+                      "{d}/chat_tok/tokenizer.json", "--seq-len", "4"], 65, "no assistant token is left in the 2 conversations (2 cut"),
 ]
 # prepare-data with --text-field on a .txt input is not bad input: it is here to show the table
 # tells the two apart (exit 0, nothing on stderr), and its output is removed again below.
