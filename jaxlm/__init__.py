@@ -16,12 +16,12 @@ from jaxlm.errors import (
 )
 from jaxlm.generate import generate, generate_tokens
 from jaxlm.model import Transformer
-from jaxlm import hooks
+from jaxlm import hooks, interop
 from jaxlm.train import TrainResult, train
 from sharding.mesh import make_mesh
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "DataError", "DistributedError", "InteropError", "JaxlmError",
     "ServeError", "Transformer", "TrainResult", "build_model", "generate", "generate_tokens",
-    "hooks", "load_config", "load_tokenizer", "make_mesh", "restore", "train",
+    "hooks", "interop", "load_config", "load_tokenizer", "make_mesh", "restore", "train",
 ]

@@ -235,8 +235,19 @@ def generate(
     adds one). ``eos_token_id`` defaults to the tokenizer's ``<|endoftext|>``; pass the model's EOS
     set (:func:`jaxlm.interop.eos.eos_token_ids`) for converted models. The text is decoded against
     the prompt (:mod:`jaxlm.detokenize`), so ``prompt + text`` reads as the whole sequence decodes.
+    ``tokenizer`` defaults to the built-in one; a model of another vocabulary size needs its own
+    (ConfigError otherwise, as for a tokenizer with more ids than the model has embeddings).
     """
-    tokenizer = tokenizer or load_tokenizer()
+    vocab = model.cfg.vocab_size
+    if tokenizer is None:
+        tokenizer = load_tokenizer()
+        if tokenizer.get_vocab_size() != vocab:
+            raise ConfigError(f"the model has a vocabulary of {vocab} tokens, the built-in tokenizer "
+                              f"{tokenizer.get_vocab_size()}: pass the model's own, "
+                              "tokenizer=jaxlm.load_tokenizer(cfg.data.tokenizer_path)")
+    elif tokenizer.get_vocab_size() > vocab:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {vocab} embeddings; "
+                          "pass the model's own tokenizer (jaxlm.load_tokenizer(cfg.data.tokenizer_path))")
     ids = [tokenizer.encode(p).ids for p in prompts]
     eos = tokenizer_eos_id(tokenizer) if eos_token_id is None else eos_token_id
     stop = stop_ids(eos, stop_token_ids, ignore_eos)

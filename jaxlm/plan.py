@@ -372,7 +372,11 @@ def plan_run(
     ``context`` defaults to ``data.seq_len``. ``link_bandwidth`` (bytes/s per GPU and direction)
     defaults to NVLink within one host and the network across hosts. Raises ConfigError for an
     unknown target, a malformed topology, or a config that does not fit the device count.
+    ``model.init_from`` gives the architecture (its metadata is read, not its weights), as in training.
     """
+    from jaxlm.pretrained import resolve_init_from
+
+    cfg = resolve_init_from(cfg)
     try:
         spec = get_target(target)
     except ValueError as e:

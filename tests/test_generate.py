@@ -196,3 +196,15 @@ def test_bounded_cuts_and_greedy_batches_never_sort_the_vocabulary():
     outside = _primitives(jaxpr, into_cond=False)
     assert "cond" in outside and {"top_k", "sort", "random_bits"}.isdisjoint(outside)
     assert {"top_k", "sort"} <= _primitives(jaxpr)
+
+
+def test_text_generation_refuses_a_tokenizer_that_is_not_the_models():
+    from jaxlm.build import build_model
+    from jaxlm.config import ConfigError
+    from jaxlm.data import load_tokenizer
+
+    other = build_model(tiny_config("model.vocab_size=512").model, seed=0)
+    with pytest.raises(ConfigError, match="vocabulary of 512 tokens, the built-in tokenizer 4096: pass the model's own"):
+        generate(other, ["ROMEO:"], GREEDY)
+    with pytest.raises(ConfigError, match="the tokenizer has 4096 ids but the model only 512 embeddings"):
+        generate(other, ["ROMEO:"], GREEDY, tokenizer=load_tokenizer())

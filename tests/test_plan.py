@@ -55,6 +55,14 @@ cfg = jaxlm.load_config("configs/llama3_8b.yaml", lora)
 out["8b_lora"] = plan_run(cfg, "h100", "1x8", train=False, decode=False).to_dict()
 cfg = jaxlm.load_config("configs/tiny.yaml", lora)
 out["tiny_lora"] = plan_run(cfg, "h100", "1x8", decode=False).to_dict()
+import tempfile
+from jaxlm.interop.hf import to_hf
+source = jaxlm.load_config("configs/tiny.yaml", ["model.num_layers=3", "model.embed_dim=96"])
+hf_dir = tempfile.mkdtemp()
+to_hf(jaxlm.build_model(source.model), source, hf_dir)
+for name, c in (("source", source), ("init_from", jaxlm.load_config("configs/finetune.yaml", [f"model.init_from={hf_dir}"])),
+                ("no_init_from", jaxlm.load_config("configs/finetune.yaml"))):
+    out[name] = plan_run(c, "h100", "1x8", train=False, decode=False).to_dict()
 print(json.dumps(out))
 """
 
@@ -91,6 +99,12 @@ def test_state_bytes_match_a_hand_count(plans, name, devices, split):
     assert plan["num_devices"] == devices
     assert plan["param_bytes"] == pytest.approx(params, rel=0.01)
     assert plan["opt_state_bytes"] == pytest.approx(2 * params, rel=0.01)
+
+
+@pytest.mark.slow
+def test_a_config_with_init_from_is_planned_with_the_sources_architecture(plans):
+    assert plans["init_from"]["param_bytes"] == plans["source"]["param_bytes"]
+    assert plans["init_from"]["param_bytes"] != plans["no_init_from"]["param_bytes"]
 
 
 @pytest.mark.slow
