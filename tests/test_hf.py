@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,10 @@ def test_sharded_load_on_mesh_matches(hf_models, devices):
     np.testing.assert_allclose(got, _torch_logits(hf_model, tokens), atol=1e-4, rtol=0)
 
 
+def _umask() -> int:
+    return int(subprocess.run(["sh", "-c", "umask"], capture_output=True, text=True, check=True).stdout, 8)
+
+
 @pytest.mark.parametrize("name", ["llama_gqa2_untied", "qwen2_bias_gqa2_tied"])
 def test_export_then_import_is_identical(hf_models, tmp_path, name):
     from safetensors.numpy import load_file
@@ -174,6 +179,8 @@ def test_export_then_import_is_identical(hf_models, tmp_path, name):
     out = to_hf(model, cfg, tmp_path / "export")
     original, exported = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert sorted(original) == sorted(exported)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}  # the weights as readable as the rest
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask(), modes
     for k in original:
         np.testing.assert_array_equal(exported[k], original[k], err_msg=k)
     again, cfg_again = from_hf(out)

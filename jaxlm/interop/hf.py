@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import warnings
@@ -223,6 +224,12 @@ def from_hf(path: str | pathlib.Path, *, mesh: Mesh | None = None, dtype: str = 
     return model, cfg
 
 
+def same_mode_as(path: pathlib.Path, like: pathlib.Path) -> None:
+    """Give ``path`` the permissions of ``like``: safetensors writes its files 0600, while the files
+    written beside them follow the umask (0644 usually), and shared model directories need them readable."""
+    os.chmod(path, like.stat().st_mode & 0o777)
+
+
 def to_hf(model: Transformer, cfg: Config, out_dir: str | pathlib.Path, *, dtype: str | None = None) -> pathlib.Path:
     """Write ``config.json`` + ``model.safetensors`` (and the tokenizer, when ``cfg`` names one).
 
@@ -236,6 +243,7 @@ def to_hf(model: Transformer, cfg: Config, out_dir: str | pathlib.Path, *, dtype
     hf = hf_config_from_model(cfg.model)
     hf["torch_dtype"] = np_dtype.name
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    same_mode_as(out / "model.safetensors", out / "config.json")
     if cfg.data.tokenizer_path:
         src = pathlib.Path(cfg.data.tokenizer_path).parent
         for name in TOKENIZER_FILES:

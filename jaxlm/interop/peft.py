@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlm.config import Config, ConfigError
+from jaxlm.interop.hf import same_mode_as
 from jaxlm.lora import TARGET_WEIGHTS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -73,4 +74,5 @@ def to_peft(adapters: Any, cfg: Config, out_dir: str | pathlib.Path) -> pathlib.
     out.mkdir(parents=True, exist_ok=True)
     save_file(peft_tensors(adapters, cfg), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg), indent=2) + "\n")
+    same_mode_as(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG)
     return out
