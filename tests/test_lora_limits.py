@@ -7,7 +7,6 @@ import math
 import os
 
 import jax
-import pytest
 from flax import nnx
 
 import jaxlm
