@@ -403,11 +403,20 @@ def validate(cfg: Config) -> Config:
                           f"set train.warmup_steps={t.steps} or less, or train more steps")
     if cfg.data.path and cfg.data.text_path:
         raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
-    _check_lora(cfg.train.lora)
+    check_lora(cfg.train.lora, cfg.model)
     return cfg
 
 
-def _check_lora(lora: LoRAConfig) -> None:
+def lora_projections(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(input features, output features) of each projection an adapter can sit on (:data:`LORA_TARGETS`)."""
+    E, H, K, D, F = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    return {"q": (E, H * D), "k": (E, K * D), "v": (E, K * D), "o": (H * D, E), "gate": (E, F), "up": (E, F),
+            "down": (F, E)}
+
+
+def check_lora(lora: LoRAConfig, model: ModelConfig) -> None:
+    """ConfigError for LoRA settings that cannot be built on ``model`` (run again once the model's
+    architecture is known, e.g. after ``model.init_from`` is resolved)."""
     unknown = [t for t in lora.targets if t not in LORA_TARGETS]
     if unknown:
         raise ConfigError(f"config key 'train.lora.targets' has {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
@@ -418,6 +427,15 @@ def _check_lora(lora: LoRAConfig) -> None:
     if lora.base_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError(f"config key 'train.lora.base_dtype' is {lora.base_dtype!r}; choose one of float32, bfloat16 "
                           "(or leave it empty for model.param_dtype)")
+    if lora.rank:
+        shapes = lora_projections(model)
+        side, target = min((min(shapes[t]), t) for t in lora.targets)
+        if lora.rank > side:
+            n_in, n_out = shapes[target]
+            raise ConfigError(
+                f"train.lora.rank={lora.rank} is larger than the '{target}' projection allows ({n_in} inputs, {n_out} "
+                f"outputs): an adapter's rank cannot exceed min(in, out); set train.lora.rank={side} or less"
+            )
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

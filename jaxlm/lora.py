@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import LORA_TARGETS, ConfigError, LoRAConfig, ModelConfig
+from jaxlm.config import LORA_TARGETS, Config, ConfigError, LoRAConfig, ModelConfig
 from sharding.rules import constrain
 
 # target -> (submodule of a block, weight attribute, Hugging Face module under model.layers.N)
@@ -111,6 +111,29 @@ def init_adapters(model_cfg: ModelConfig, lora: LoRAConfig, mesh: Any, seed: int
 
 def base_dtype(model_cfg: ModelConfig, lora: LoRAConfig) -> str:
     return lora.base_dtype or model_cfg.param_dtype
+
+
+def lora_changed(saved: Config, cfg: Config) -> tuple[str, Any, Any] | None:
+    """(key, saved value, new value) of the first ``train.lora`` key that makes the saved run another one.
+
+    ``rank`` and ``targets`` decide the adapters' shapes and tree (rank 0: no adapters, a full-weight run);
+    ``alpha`` the scaling ``alpha / rank`` the trained ``A B`` were learned under (the same arrays under
+    another alpha are another model); ``base_dtype`` the frozen base whose checksum is stored with them.
+    ``dropout`` only acts while training, so it may change between resumes (like the learning rate).
+    """
+    old, new = saved.train.lora, cfg.train.lora
+    if old.rank == 0 and new.rank == 0:
+        return None
+    if old.rank != new.rank:
+        return "rank", old.rank, new.rank
+    if set(old.targets) != set(new.targets):  # the order of the list does not change the adapters
+        return "targets", f"[{','.join(old.targets)}]", f"[{','.join(new.targets)}]"
+    if old.alpha != new.alpha:
+        return "alpha", old.alpha, new.alpha
+    old_dtype, new_dtype = base_dtype(saved.model, old), base_dtype(cfg.model, new)
+    if old_dtype != new_dtype:
+        return "base_dtype", old_dtype, new_dtype
+    return None
 
 
 def cast_base(base: nnx.State, dtype: str) -> nnx.State:

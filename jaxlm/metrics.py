@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import jax
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import LoRAConfig, ModelConfig, lora_projections
 from sharding.targets import PEAK_FLOPS  # the one table of GPU targets (peaks with sources)
 
 
@@ -68,12 +68,28 @@ def memory_capacity(devices: list[jax.Device]) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * processes
 
 
-def training_bytes(cfg: ModelConfig, microbatch: int, seq_len: int) -> int:
+def count_lora_params(cfg: ModelConfig, lora: LoRAConfig) -> int:
+    """Adapter parameters of a LoRA run: ``rank * (in + out)`` (``A [in, rank]``, ``B [rank, out]``) per
+    targeted projection per layer; 0 without LoRA."""
+    if not lora.rank:
+        return 0
+    shapes = lora_projections(cfg)
+    return cfg.num_layers * lora.rank * sum(sum(shapes[t]) for t in lora.targets)
+
+
+def training_bytes(cfg: ModelConfig, microbatch: int, seq_len: int, lora: LoRAConfig | None = None) -> int:
     """A lower bound on the bytes one training step holds: parameters, gradients and two float32
-    optimizer moments per parameter, plus the float32 logits of one microbatch and their gradient."""
+    optimizer moments per parameter, plus the float32 logits of one microbatch and their gradient.
+
+    With LoRA (``lora.rank > 0``) only the float32 adapters have gradients and moments (16 bytes each);
+    the frozen base holds its parameters alone, in ``lora.base_dtype``."""
     n_params, _ = count_params(cfg)
+    logits = 2 * 4 * microbatch * seq_len * cfg.vocab_size
+    if lora is not None and lora.rank:
+        base_bytes = 2 if (lora.base_dtype or cfg.param_dtype) == "bfloat16" else 4
+        return n_params * base_bytes + count_lora_params(cfg, lora) * 16 + logits
     param_bytes = 2 if cfg.param_dtype == "bfloat16" else 4
-    return n_params * (2 * param_bytes + 8) + 2 * 4 * microbatch * seq_len * cfg.vocab_size
+    return n_params * (2 * param_bytes + 8) + logits
 
 
 class MetricsLog:

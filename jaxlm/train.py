@@ -33,12 +33,12 @@ from jax.sharding import Mesh
 
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer, tree_checksum
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config, ConfigError, check_lora
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.hooks import Hook, default_hooks
 from jaxlm.loop import TrainingDiverged, TrainLoop
 from jaxlm import pretrained
-from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters
+from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters, lora_changed
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
 from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
@@ -337,8 +337,9 @@ def _resume(
     Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
     older one has restored. When none restores (more likely a changed setup than corruption)
     nothing is renamed and the run is refused unless ``force``. A directory holding a different
-    model is refused (ConfigError) unless ``force``, which moves its checkpoints into a
-    ``superseded-*`` folder and starts afresh.
+    model, or a LoRA run whose adapters another ``train.lora`` setting would change (:func:`jaxlm.lora.lora_changed`),
+    is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
+    into a ``superseded-*`` folder and starts afresh.
     """
     bad: list[tuple[int, JaxlmError]] = []
 
@@ -361,6 +362,17 @@ def _resume(
         if diff:
             start_afresh(f"the run in '{ckpt.directory}' had a different model")
             return None
+        lora_diff = lora_changed(saved, cfg)
+        if lora_diff and not force:
+            key, was, now = lora_diff
+            raise ConfigError(
+                f"checkpoint directory '{ckpt.directory}' holds a run with train.lora.{key}={was}, not {now}; "
+                "use a new checkpoint.dir, or --force to move that run aside and start afresh"
+            )
+        if lora_diff:
+            key, was, _ = lora_diff
+            start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
+            return None
         try:
             restored = trainer.restore(ckpt, step)
         except CheckpointError as e:
@@ -378,17 +390,21 @@ def _resume(
 
 
 def _check_fits(cfg: Config, mesh: Mesh) -> None:
-    """ConfigError, before anything is allocated, when the model and batch cannot fit the mesh's memory."""
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    need = training_bytes(cfg.model, micro, cfg.data.seq_len)
+    """ConfigError, before anything is allocated, when the model and batch (and a LoRA run's adapters)
+    cannot fit the mesh's memory."""
+    micro, lora = cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.train.lora
+    need = training_bytes(cfg.model, micro, cfg.data.seq_len, lora)
     have = memory_capacity(list(mesh.devices.flat))
     if need > have:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size}, model.embed_dim={cfg.model.embed_dim}, "
-            f"model.num_layers={cfg.model.num_layers} and train.batch_size={cfg.train.batch_size} need at least "
-            f"{need / 2**30:.3g} GiB (parameters, gradients, optimizer moments, logits) but the {mesh.size} devices "
-            f"hold {have / 2**30:.3g} GiB; make the model or the batch smaller, or raise train.grad_accum_steps"
-        )
+        m, n = cfg.model, f"{mesh.size} devices hold {have / 2**30:.3g} GiB"
+        sizes = f"model.vocab_size={m.vocab_size}, model.embed_dim={m.embed_dim}, model.num_layers={m.num_layers}"
+        what, fix = "parameters, gradients, optimizer moments, logits", "make the model or the batch smaller"
+        if lora.rank:
+            sizes += f", train.lora.rank={lora.rank} on {','.join(lora.targets)}"
+            what = "frozen base; adapters, their gradients and optimizer moments; logits"
+            fix = "lower train.lora.rank or target fewer projections, make the model or the batch smaller"
+        raise ConfigError(f"{sizes} and train.batch_size={cfg.train.batch_size} need at least {need / 2**30:.3g} GiB "
+                          f"({what}) but the {n}; {fix}, or raise train.grad_accum_steps")
 
 
 def _loaders(cfg: Config, splits, say: Callable[[str], None]) -> tuple[PackedLoader, PackedLoader]:
@@ -449,6 +465,7 @@ def train(
     if model is not None and cfg.model.init_from:
         raise ConfigError("pass a model to jaxlm.train or set model.init_from, not both")
     cfg = pretrained.resolve_init_from(cfg)
+    check_lora(cfg.train.lora, cfg.model)  # again: model.init_from may have brought other projection sizes
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     _check_fits(cfg, mesh)
     cfg = pretrained.place_tokenizer(cfg, cfg.checkpoint.dir)

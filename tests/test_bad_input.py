@@ -56,6 +56,7 @@ def world(tmp_path_factory):
         ckpt.wait()
     ckpt.close()
     (d / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.3}\n{"step": 2, "loss": 8.2}\n')
+    _lora_run(d / "lora_run", model)
     corrupt = d / "corrupt"
     subprocess.run(["cp", "-r", str(d / "run"), str(corrupt)], check=True)
     for f in (corrupt / "2" / "params").rglob("d/*"):
@@ -94,6 +95,21 @@ def world(tmp_path_factory):
     yield d, locked
     subprocess.run(["chattr", "-i", str(d / "locked")], capture_output=True)
     os.chmod(d / "locked", 0o755)
+
+
+def _lora_run(directory: pathlib.Path, base) -> None:
+    """A LoRA run (rank 8 on q, v over the random base of train.seed=0) saved at step 1, as jaxlm.train saves it."""
+    from jaxlm.checkpoint import tree_checksum
+    from jaxlm.lora import LoRAParam, init_adapters
+    from jaxlm.optim import make_optimizer
+
+    cfg = tiny_config(f"checkpoint.dir={directory}", "train.lora.rank=8")
+    adapters = init_adapters(cfg.model, cfg.train.lora, None, cfg.train.seed)
+    base = {"reference": "random init (train.seed=0)", "checksum": tree_checksum(nnx.state(base, nnx.Not(LoRAParam)))}
+    ckpt = Checkpointer(directory, cfg.checkpoint)
+    ckpt.save(1, adapters, make_optimizer(cfg.train).init(adapters), 1, cfg, extra_meta={"lora_base": base})
+    ckpt.wait()
+    ckpt.close()
 
 
 def _fingerprint(root: pathlib.Path) -> dict[str, str]:
@@ -183,6 +199,19 @@ TABLE = [
     ("train", ["train", TINY, "train.lora.rank=4", "train.lora.targets=[q,x]"], 2, "'train.lora.targets' has 'x'"),
     ("train", ["train", TINY, "train.lora.targets=7"], 2, "'train.lora.targets' must be a list of names"),
     ("train", ["train", TINY, "train.lora.base_dtype=float16"], 2, "'train.lora.base_dtype' is 'float16'"),
+    ("train", ["train", TINY, "train.lora.rank=33", "train.lora.targets=[q,k]"], 2,
+     "train.lora.rank=33 is larger than the 'k' projection allows (64 inputs, 32 outputs): an adapter's rank cannot exceed min(in, out)"),
+    ("train", ["train", TINY, "train.lora.rank=100000"], 2, "set train.lora.rank=32 or less"),
+    # a LoRA run (rank 8 on q, v) resumed with settings that change its adapters: refused before any restore
+    ("train", ["train", TINY, "checkpoint.dir={d}/lora_run", "train.lora.rank=4"], 2,
+     "'{d}/lora_run' holds a run with train.lora.rank=8, not 4; use a new checkpoint.dir, or --force to move that run aside"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/lora_run"], 2, "holds a run with train.lora.rank=8, not 0"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/lora_run", "train.lora.rank=8", "train.lora.targets=[q,k]"], 2,
+     "holds a run with train.lora.targets=[q,v], not [q,k]"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/lora_run", "train.lora.rank=8", "train.lora.alpha=32"], 2,
+     "holds a run with train.lora.alpha=16.0, not 32.0"),
+    ("train", ["train", TINY, "checkpoint.dir={d}/lora_run", "train.lora.rank=8", "train.lora.base_dtype=bfloat16"], 2,
+     "holds a run with train.lora.base_dtype=float32, not bfloat16"),
     # ---- generate
     ("generate", ["generate", "--prompt", "x"], 2, "the following arguments are required: --checkpoint"),
     ("generate", ["generate", "--checkpoint", "{d}/run"], 2, "the following arguments are required: --prompt"),
@@ -356,6 +385,7 @@ def _jaxlm(*args, env=None):
     ([], 2),
     (["prepare-data", "{d}/latin1.txt", "--out", "{d}/p"], 65),
     (["generate", "--checkpoint", "{d}/corrupt", "--prompt", "x", "--step", "2"], 74),
+    (["train", TINY, "checkpoint.dir={d}/lora_run", "train.lora.rank=4"], 2),  # was exit 74 and Orbax's traceback
 ])
 def test_as_real_processes(world, argv, code):
     d, _ = world
@@ -444,3 +474,23 @@ def test_a_port_in_use_is_a_serve_error():
         port = taken.getsockname()[1]
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
             serve(object(), "127.0.0.1", port)  # refused before the engine is touched
+
+
+@pytest.mark.slow
+def test_force_sets_a_lora_run_with_another_rank_aside_without_a_traceback(world, tmp_path):
+    """--force with another train.lora.rank moves the old run aside untouched (no restore is tried, so
+    Orbax prints nothing) and trains afresh."""
+    d, _ = world
+    run = tmp_path / "lora_run"
+    subprocess.run(["cp", "-r", str(d / "lora_run"), str(run)], check=True)
+    before = _fingerprint(run)
+    r = _jaxlm("train", TINY, f"checkpoint.dir={run}", "train.lora.rank=4", "train.steps=1", "train.warmup_steps=0",
+               "train.eval_batches=1", "train.progress=false", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    aside = [p for p in run.iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and "had train.lora.rank=8; moved its checkpoints to" in r.stdout, r.stdout
+    assert _fingerprint(aside[0]) == before  # the old run, byte for byte
+    ckpt = Checkpointer(run, create=False)
+    assert ckpt.read_config(1).train.lora.rank == 4
+    ckpt.close()
