@@ -403,7 +403,8 @@ def validate(cfg: Config) -> Config:
                           f"set train.warmup_steps={t.steps} or less, or train more steps")
     if cfg.data.path and cfg.data.text_path:
         raise ConfigError("set data.path (prepared tokens) or data.text_path (one text file), not both")
-    check_lora(cfg.train.lora, cfg.model)
+    # with model.init_from the projection sizes are the source's, known once it is read (jaxlm.train checks again)
+    check_lora(cfg.train.lora, None if cfg.model.init_from else cfg.model)
     return cfg
 
 
@@ -414,9 +415,9 @@ def lora_projections(m: ModelConfig) -> dict[str, tuple[int, int]]:
             "down": (F, E)}
 
 
-def check_lora(lora: LoRAConfig, model: ModelConfig) -> None:
-    """ConfigError for LoRA settings that cannot be built on ``model`` (run again once the model's
-    architecture is known, e.g. after ``model.init_from`` is resolved)."""
+def check_lora(lora: LoRAConfig, model: ModelConfig | None) -> None:
+    """ConfigError for LoRA settings that cannot be built on ``model`` (None: not known yet, so the
+    rank is not checked against its projections; run again once ``model.init_from`` is resolved)."""
     unknown = [t for t in lora.targets if t not in LORA_TARGETS]
     if unknown:
         raise ConfigError(f"config key 'train.lora.targets' has {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
@@ -427,7 +428,7 @@ def check_lora(lora: LoRAConfig, model: ModelConfig) -> None:
     if lora.base_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError(f"config key 'train.lora.base_dtype' is {lora.base_dtype!r}; choose one of float32, bfloat16 "
                           "(or leave it empty for model.param_dtype)")
-    if lora.rank:
+    if lora.rank and model is not None:
         shapes = lora_projections(model)
         side, target = min((min(shapes[t]), t) for t in lora.targets)
         if lora.rank > side:

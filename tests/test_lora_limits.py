@@ -7,6 +7,7 @@ import math
 import os
 
 import jax
+import pytest
 from flax import nnx
 
 import jaxlm
@@ -81,3 +82,18 @@ def test_a_rank_above_the_init_from_models_projection_is_refused(tmp_path, capsy
     assert "train.lora.rank=64 is larger than the 'v' projection allows (64 inputs, 32 outputs)" in err, err
     assert "set train.lora.rank=32 or less" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_the_init_from_model_allows_is_not_judged_by_the_default_sizes(tmp_path):
+    """Rank 160 exceeds the defaults' k/v (128 outputs) but not a source whose k/v have 192."""
+    src_cfg = tiny_config("model.embed_dim=256", "model.num_heads=8", "model.num_kv_heads=8", "model.head_dim=24",
+                          "model.mlp_dim=256")
+    ckpt = Checkpointer(tmp_path / "src", src_cfg.checkpoint)
+    ckpt.save(1, nnx.state(jaxlm.build_model(src_cfg.model, seed=0)), None, 0, src_cfg)
+    ckpt.wait()
+    ckpt.close()
+    cfg = jaxlm.load_config(None, [f"model.init_from={tmp_path / 'src'}", "train.lora.rank=160", ALL])
+    resolved = TRAIN.pretrained.resolve_init_from(cfg)
+    TRAIN.check_lora(resolved.train.lora, resolved.model)  # what jaxlm.train checks: it fits this model
+    with pytest.raises(jaxlm.ConfigError, match="larger than the 'k' projection allows"):
+        TRAIN.check_lora(resolved.train.lora, jaxlm.load_config().model)  # the defaults would refuse it
