@@ -249,26 +249,6 @@ def test_penalties_and_logprobs_survive_preemption_and_a_huge_top_k_disables_onl
     assert engine.allocator.num_used == 0
 
 
-def test_a_request_whose_output_fails_fails_alone(engine, prompts, reference):
-    class Broken(frozenset):
-        def __contains__(self, token):
-            raise RuntimeError("broken stop set")
-
-    good = engine.add_request(Request(prompts[0], max_tokens=MAX_TOKENS[0], temperature=0.0))
-    bad = engine.add_request(Request(prompts[1], max_tokens=5, temperature=0.0))
-    next(s for s in engine._waiting if s.request_id == bad).stop_ids = Broken()
-    errors, outputs = {}, {}
-    while engine.has_work():
-        for e in engine.step():
-            if e.error is not None:
-                errors[e.request_id] = e.error
-            if e.output is not None:
-                outputs[e.request_id] = e.output
-    assert errors == {bad: "RuntimeError: broken stop set"}
-    assert list(outputs) == [good] and outputs[good].token_ids == reference[0]
-    assert engine.allocator.num_used == 0
-
-
 POISON = 4095  # a prompt holding this id makes the (wrapped) device call fail
 
 
@@ -282,6 +262,20 @@ def _drain(engine):
                 outputs[e.request_id] = e.output
         _check_pages(engine)
     return errors, outputs
+
+
+def test_a_request_whose_output_fails_fails_alone(engine, prompts, reference):
+    class Broken(frozenset):
+        def __contains__(self, token):
+            raise RuntimeError("broken stop set")
+
+    good = engine.add_request(Request(prompts[0], max_tokens=MAX_TOKENS[0], temperature=0.0))
+    bad = engine.add_request(Request(prompts[1], max_tokens=5, temperature=0.0))
+    next(s for s in engine._waiting if s.request_id == bad).stop_ids = Broken()
+    errors, outputs = _drain(engine)
+    assert errors == {bad: "RuntimeError: broken stop set"}
+    assert list(outputs) == [good] and outputs[good].token_ids == reference[0]
+    assert engine.allocator.num_used == 0
 
 
 @pytest.mark.parametrize("consumes_pools", [False, True], ids=["pools-kept", "pools-lost"])
