@@ -496,6 +496,9 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str]
             data = _merge(data, parse_overrides([item]))
     cfg = _build(Config, data, "")
     model_keys = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    if "init_from" in model_keys and not cfg.model.init_from:  # e.g. model.init_from=$UNSET_VARIABLE
+        raise ConfigError("model.init_from is empty; give the path of a pretrained model, or leave the key out "
+                          "to train from random weights")
     if cfg.model.init_from and model_keys:  # before validate: the source's values explain a mismatch best
         from jaxlm.pretrained import check_given_architecture
 

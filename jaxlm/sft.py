@@ -50,6 +50,8 @@ def conversation(row: Any, where: str) -> list[Message]:
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object with 'messages' or 'prompt' and 'completion'")
+    if "messages" in row and ("prompt" in row or "completion" in row):
+        raise DataError(f"{where}: the row has both 'messages' and 'prompt'/'completion'; keep one form per row")
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -64,9 +66,11 @@ def conversation(row: Any, where: str) -> list[Message]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
             raise DataError(f"{where}: message {k} has role {role!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
+        if "content" not in m:
+            raise DataError(f"{where}: message {k} ({m['role']}) has no 'content'; give its text as a string")
+        if not isinstance(m["content"], str):
             raise DataError(f"{where}: message {k} ({m['role']}) has content of type "
-                            f"{type(m.get('content')).__name__}; it must be a string")
+                            f"{type(m['content']).__name__}; it must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant message; there is nothing to train on")

@@ -88,6 +88,8 @@ def world(tmp_path_factory):
     (d / "chat_empty.jsonl").write_text(good_chat + good_chat + '{"messages": []}\n')
     (d / "chat_ok.jsonl").write_text(good_chat + '{"prompt": "Who?", "completion": "You."}\n')
     (d / "chat_noanswer.jsonl").write_text('{"prompt": "Who?", "completion": 3}\n')
+    (d / "chat_both.jsonl").write_text(good_chat + '{"prompt": "Who?", "completion": "You.", "messages": []}\n')
+    (d / "chat_nocontent.jsonl").write_text('{"messages": [{"role": "user"}, {"role": "assistant", "content": "Me."}]}\n')
     prepare_chat([str(d / "chat_ok.jsonl")] * 4, str(d / "chat_data"), str(d / "chat_tok" / "tokenizer.json"), seq_len=64)
     (d / "locked").mkdir()
     (d / "locked" / "keep.txt").write_text("kept\n")
@@ -186,6 +188,7 @@ TABLE = [
     ("train", ["train", TINY, "model.init_from={d}/good.txt"], 2, "is neither a .gguf file"),
     ("train", ["train", TINY, "model.init_from={d}/garbage.gguf"], 65, "is not a readable GGUF file"),
     ("train", ["train", TINY, "model.init_from={d}/truncated_hf"], 65, "is not a readable safetensors file"),
+    ("train", ["train", TINY, "model.init_from="], 2, "model.init_from is empty; give the path of a pretrained model"),
     ("train", ["train", TINY, "model.init_from={d}/run", "model.num_layers=3"], 2,
      "model.num_layers=3 contradicts model.init_from '{d}/run', which has num_layers=2"),
     ("train", ["train", TINY, "model.init_from={d}/run", "model.num_layers=4"], 2,  # 4 is the default: still given
@@ -293,6 +296,10 @@ TABLE = [
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_empty.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_empty.jsonl:3: 'messages' is empty"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_noanswer.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 65, "chat_noanswer.jsonl:1: message 1 (assistant) has content of type int"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer", "{d}/chat_tok/tokenizer.json"], 0, None),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_both.jsonl", "--out", "{d}/p", "--tokenizer",
+                      "{d}/chat_tok/tokenizer.json"], 65, "chat_both.jsonl:2: the row has both 'messages' and 'prompt'/'completion'"),
+    ("prepare-data", ["prepare-data", "--chat", "{d}/chat_nocontent.jsonl", "--out", "{d}/p", "--tokenizer",
+                      "{d}/chat_tok/tokenizer.json"], 65, "chat_nocontent.jsonl:1: message 0 (user) has no 'content'"),
     ("prepare-data", ["prepare-data", "--chat", "{d}/chat_ok.jsonl", "--out", "{d}/p", "--tokenizer",
                       "{d}/chat_tok/tokenizer.json", "--seq-len", "4"], 65, "no assistant token is left in the 2 conversations (2 cut"),
 ]
