@@ -162,23 +162,25 @@ class Engine:
         link, rate = device_rates(device.device_kind, device.platform, model.cfg.compute_dtype)
         self.host_link_bytes_per_s = host_link_bytes_per_s or link
         self.matmul_flops_per_s = matmul_flops_per_s or rate
-        self.allocator = PageAllocator(num_pages, on_evict=self._offload if self.host.capacity else None)
+        self._device = device
         self.metrics = EngineMetrics(clock)
         self._clock = clock
         self._graphdef, self._state = nnx.split(model)
-        self._k_pool, self._v_pool = self._new_pools(num_pages, device)
+        self._empty_cache(num_pages)
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._slots: list[RequestState | None] = [None] * self.max_batch
         self._admissions = itertools.count()
         self._ids = itertools.count()
 
-    def _new_pools(self, num_pages: int, device) -> tuple[jax.Array, jax.Array]:
+    def _empty_cache(self, num_pages: int) -> None:
+        """A new page allocator and new, zeroed KV pools of ``num_pages`` pages (no page held or named)."""
+        self.allocator = PageAllocator(num_pages, on_evict=self._offload if self.host.capacity else None)
         k, v = init_paged_pools(self.cfg, num_pages, self.page_size)
         if self.mesh is not None:
             sharding = NamedSharding(self.mesh, logical_spec(PAGED_CACHE_AXES))
-            return jax.device_put(k, sharding), jax.device_put(v, sharding)
-        # committed from the start, as the page copies leave them: one compiled program per shape
-        return jax.device_put(k, device), jax.device_put(v, device)
+            self._k_pool, self._v_pool = jax.device_put(k, sharding), jax.device_put(v, sharding)
+        else:  # committed from the start, as the page copies leave them: one compiled program per shape
+            self._k_pool, self._v_pool = jax.device_put(k, self._device), jax.device_put(v, self._device)
 
     # ---------------------------------------------------------------- requests in
     def check(self, request: Request) -> list[int]:
@@ -433,9 +435,7 @@ class Engine:
                 self._preempt(seq)
         for seq in keep:
             seq.pages = []  # the old allocator's pages: nothing to free in the new one
-        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
-        self._k_pool, self._v_pool = self._new_pools(self.allocator.num_pages, device)
-        self.allocator = PageAllocator(self.allocator.num_pages, on_evict=self._offload if self.host.capacity else None)
+        self._empty_cache(self.allocator.num_pages)
 
     def warmup(self) -> None:
         """Compile the prefill and decode programs (their rows all point at the scratch page), and
