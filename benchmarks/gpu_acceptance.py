@@ -8,8 +8,9 @@ plugin) with only the jaxlm wheel and pure-Python dependencies added; it runs in
 minutes. Three sections, one table (printed, and written as JSON with every figure):
 
 1. **check** - every kernel of :mod:`pallas_kernels.table` against its pure-JAX reference on the
-   device, forward and gradients: flash attention (``flash_triton``; ``flash_mosaic``, the Mosaic
-   GPU forward with the Triton backward, on Hopper) for head_dim 64/128, GQA,
+   device, forward and gradients: attention (``cudnn``, as the dispatch calls it, segment ids as
+   a mask; ``flash_triton``; ``flash_mosaic``, the Mosaic GPU forward with the Triton backward,
+   on Hopper) for head_dim 64/128, GQA,
    bf16/fp16/fp32, segment ids; decode attention over contiguous and paged caches with ragged
    lengths (``decode_triton``); the GEMMs ``matmul_triton``, ``swiglu_triton`` and ``matmul_mosaic``
    (Hopper) on the training model's
@@ -18,14 +19,18 @@ minutes. Three sections, one table (printed, and written as JSON with every figu
    outputs are allocated and freed, so an element a kernel never writes reads NaN and fails the
    check. Tolerance: max |kernel - reference| <= tol(dtype) * max |reference|, the reference
    computed from the same inputs in float32.
-2. **speed** - flash attention forward and forward+backward (TFLOP/s, causal FLOPs counted as
-   half): Triton, Mosaic GPU (Hopper), cuDNN and XLA; the GEMMs against XLA's dot (TFLOP/s);
+2. **speed** - attention forward and forward+backward (TFLOP/s, causal FLOPs counted as
+   half) at head_dim 64 and 128: cuDNN, Mosaic GPU (Hopper), Triton and XLA, and cuDNN and Triton
+   with segment ids; the GEMMs against XLA's dot (TFLOP/s);
    decode attention as GB/s of KV cache read (the Pallas kernel and XLA).
 3. **train** - 20 steps of a ~1B-parameter Llama-shaped model (width 2048, 16 layers, 32/8 heads,
    SwiGLU 8192, 2048-token sequences, batch 8, bf16, remat full) on the embedded corpus, with
    ``model.attention_impl/matmul_impl`` = ``auto`` and then ``xla``, from the same initial
    parameters and batches: the losses must agree step by step (within 2%), and each reports its
-   median step time, tokens/s and MFU.
+   median step time, tokens/s and MFU. ``--train`` names other ``attention_impl/matmul_impl``
+   pairs (the last is the reference); ``--only REGEX`` keeps the checks and timings whose name
+   matches. Every row is also appended to ``OUT.rows.jsonl`` as it comes, so a run stopped
+   early keeps what it measured.
 
 Exit code 0 when every check passed and both trainings agree, 1 otherwise.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -56,15 +62,25 @@ TRAIN_LOSS_RTOL = 0.02
 class Table:
     """The rows of the one table, printed as they come: section, case, ok (None: a measurement), figures."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, log: pathlib.Path | None = None, only: str | None = None):
         self.rows: list[dict] = []
         self.seed = seed
+        self.only = None if only is None else re.compile(only)
+        self.log = log  # every row is also appended here as it comes (JSON lines), so a killed run keeps its rows
 
     def add(self, section: str, case: str, ok: bool | None, **figures) -> None:
         self.rows.append({"section": section, "case": case, "ok": ok, **figures})
         mark = {True: "ok  ", False: "FAIL", None: "    "}[ok]
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in figures.items() if not isinstance(v, list))  # lists: in the JSON only
         print(f"{section:<6} {mark} {case:<52} {text}", flush=True)
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
+
+    def wanted(self, case: str) -> bool:
+        """Whether ``--only`` (a regular expression searched in the case name) keeps this check or timing."""
+        return self.only is None or bool(self.only.search(case))
 
     def key(self) -> jax.Array:
         """A fresh key for each use: the seed folded with the row count."""
@@ -84,6 +100,13 @@ def _table_picks(op: str, kernel: str, **call) -> bool:
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
     return table.select(op, table.Call(**call), impl="pallas", platform="gpu", capability=capability).kernel == kernel
+
+
+def _cudnn(q, k, v, seg=None):
+    """What ``attention_impl`` cudnn runs (:func:`pallas_kernels.dispatch._cudnn`): causal, segments as a mask."""
+    from pallas_kernels.dispatch import _cudnn as cudnn
+
+    return cudnn(q, k, v, None, None, seg, seg)
 
 
 def _mosaic_flash(q, k, v, pos):
@@ -119,6 +142,8 @@ def _compare(table: Table, case: str, got, want, dtype: str) -> None:
 
 def _check(table: Table, case: str, fn: Callable, ref: Callable, args: tuple, dtype: str, grad: bool = True) -> None:
     """Forward (and gradients of sum(out * cotangent)) of ``fn`` against ``ref`` on float32 copies of ``args``."""
+    if not table.wanted(case):
+        return
     try:
         fwd = jax.jit(fn)
         out_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(fn, *args)))
@@ -155,10 +180,13 @@ def check_kernels(table: Table, smoke: bool) -> None:
             seg = jnp.broadcast_to((jnp.arange(T) >= T // 3).astype(jnp.int32), (B, T))  # two packed documents
             backends = [] if smoke else ["triton"]  # smoke: the segment-id case below covers the Triton kernel
             mosaic = _hopper() and _table_picks("attention", "flash_mosaic", dtype=dtype, head_dim=D, group=H // K)
-            for backend in backends + (["mosaic"] if mosaic else []):
+            cudnn = not smoke and dtype != "float32"
+            for backend in backends + (["mosaic"] if mosaic else []) + (["cudnn"] if cudnn else []):
                 def flash(q, k, v, backend=backend):
                     if backend == "mosaic":  # Mosaic GPU forward, Triton backward
                         return _mosaic_flash(q, k, v, pos)
+                    if backend == "cudnn":
+                        return _cudnn(q, k, v)
                     return flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, interpret=interpret)
 
                 def ref(q, k, v):
@@ -174,6 +202,9 @@ def check_kernels(table: Table, smoke: bool) -> None:
                     return attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg)
 
                 _check(table, f"flash triton d={D} {dtype} segment ids", flash_seg, ref_seg, (q, k, v), dtype)
+                if cudnn:
+                    _check(table, f"flash cudnn d={D} {dtype} segment ids", lambda q, k, v: _cudnn(q, k, v, seg),
+                           ref_seg, (q, k, v), dtype)
     # decode: one new token per sequence over ragged caches, contiguous and paged
     B, S, H, K, D, page = (2, 48, 4, 2, 16, 16) if smoke else (8, 8192, 32, 8, 128, 64)
     dtype = "float32" if smoke else "bfloat16"
@@ -220,12 +251,13 @@ def time_kernels(table: Table, smoke: bool) -> None:
     on_gpu = not smoke
     dtype = jnp.float32 if smoke else jnp.bfloat16
     key = table.key()
-    H, K, D = (4, 2, 32) if smoke else (32, 8, 128)
-    for T in (32,) if smoke else (2048, 8192):
+    H, K = (4, 2) if smoke else (32, 8)
+    for T, D in [(32, 32)] if smoke else [(2048, 64), (2048, 128), (8192, 64), (8192, 128)]:
         B = max(1, (64 if smoke else 16384) // T)
         ks = jax.random.split(key, 3)
         q, k, v = _normal(ks[0], (B, T, H, D), dtype), _normal(ks[1], (B, T, K, D), dtype), _normal(ks[2], (B, T, K, D), dtype)
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        seg = jnp.broadcast_to((jnp.arange(T) >= T // 3).astype(jnp.int32), (B, T))  # two packed documents
         impls = {
             "triton": lambda q, k, v: flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, interpret=smoke),
             "xla": lambda q, k, v: attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos),
@@ -233,12 +265,17 @@ def time_kernels(table: Table, smoke: bool) -> None:
         if _hopper() and _table_picks("attention", "flash_mosaic", dtype=dtype, head_dim=D, group=H // K):
             impls["mosaic"] = lambda q, k, v: _mosaic_flash(q, k, v, pos)
         if on_gpu:
-            impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        flops = 4 * B * H * T * T * D / 2  # causal
+            impls["cudnn"] = lambda q, k, v: _cudnn(q, k, v)
+            impls["cudnn segment ids"] = lambda q, k, v: _cudnn(q, k, v, seg)
+        impls["triton segment ids"] = lambda q, k, v: flash_attention(
+            q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, interpret=smoke)
+        flops = 4 * B * H * T * T * D / 2  # causal (segment rows: the same count, for comparison)
         for name, fn in impls.items():
             label = f"flash {name}"
             grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
             case = f"{label} T={T} d={D} gqa={H // K} B={B}"
+            if not table.wanted(case):
+                continue
             t_f = _timed(table, case, jax.jit(fn), q, k, v, iters=iters)
             # smoke: the interpreted backward costs a minute of compiling and measures nothing
             t_fb = float("nan") if smoke and name != "xla" else _timed(table, case + " fwd+bwd", grad, q, k, v, iters=iters)
@@ -255,6 +292,8 @@ def time_kernels(table: Table, smoke: bool) -> None:
     for M, N, Kd in shapes:
         a, b = _normal(key, (M, Kd), dtype), _normal(jax.random.fold_in(key, 1), (Kd, N), dtype)
         for name, fn in gemms.items():
+            if not table.wanted(f"gemm {name} {M}x{N}x{Kd}"):
+                continue
             t = _timed(table, f"gemm {name} {M}x{N}x{Kd}", jax.jit(fn), a, b, iters=iters)
             if t is not None:
                 table.add("speed", f"gemm {name} {M}x{N}x{Kd}", None, ms=t * 1e3, tflops=2 * M * N * Kd / t / 1e12)
@@ -267,6 +306,8 @@ def time_kernels(table: Table, smoke: bool) -> None:
         kv_bytes = 2 * B * S * K * D * jnp.dtype(dtype).itemsize
         for name, fn in (("pallas", lambda q, k, v: decode_attention(q, k, v, lengths, interpret=smoke)),
                          ("xla", lambda q, k, v: decode_attention_reference(q, k, v, lengths))):
+            if not table.wanted(f"decode {name} S={S} B={B}"):
+                continue
             t = _timed(table, f"decode {name} S={S} B={B}", jax.jit(fn), q, k, v, iters=iters)
             if t is not None:
                 table.add("speed", f"decode {name} S={S} B={B}", None, ms=t * 1e3, kv_gb_per_s=kv_bytes / t / 1e9)
@@ -282,30 +323,44 @@ TRAIN_SMOKE = ["train.steps=2", "train.warmup_steps=1", "train.batch_size=8", "t
                "train.eval_batches=1", "train.progress=false", "model.compute_dtype=float32"]
 
 
-def train_both(table: Table, smoke: bool) -> None:
+def train_both(table: Table, smoke: bool, pairs: list[str] | None = None) -> None:
+    """Train each ``attention_impl/matmul_impl`` pair from the same start; the last pair is the
+    reference every other one's losses must match step by step."""
     import jaxlm
 
     repo = pathlib.Path(__file__).resolve().parent.parent
     base = ["configs/tiny.yaml", TRAIN_SMOKE] if smoke else ["configs/demo.yaml", TRAIN_1B]
-    kernel_impl = "pallas" if smoke else "auto"  # on CPU `auto` is XLA: run the kernels in the interpreter
+    # on CPU `auto` is XLA: smoke runs the kernels in the interpreter
+    pairs = pairs or (["pallas/pallas", "xla/xla"] if smoke else ["auto/auto", "xla/xla"])
     histories = {}
-    for impl in (kernel_impl, "xla"):
-        cfg = jaxlm.load_config(repo / base[0], [*base[1], f"model.attention_impl={impl}", f"model.matmul_impl={impl}"])
+    for pair in pairs:
+        attention_impl, matmul_impl = pair.split("/")
+        cfg = jaxlm.load_config(repo / base[0], [*base[1], f"model.attention_impl={attention_impl}",
+                                                 f"model.matmul_impl={matmul_impl}"])
         start = time.perf_counter()
-        result = jaxlm.train(cfg)
+        try:
+            result = jaxlm.train(cfg)
+        except Exception as e:  # a training that fails is a failed row; the others still run
+            table.add("train", f"{pair}: training", False, error=str(e).splitlines()[0][:160])
+            continue
         wall = time.perf_counter() - start
         h = result.history
         steady = h[len(h) // 4:] or h
-        histories[impl] = [x["loss"] for x in h]
+        histories[pair] = [x["loss"] for x in h]
         mfu = [x["mfu"] for x in steady if "mfu" in x]
-        table.add("train", f"{impl}: {len(h)} steps", None, loss_first=h[0]["loss"], loss_last=h[-1]["loss"],
-             step_ms=statistics.median(x["step_time_s"] for x in steady) * 1e3,
-             tokens_per_s=statistics.median(x["tokens_per_s"] for x in steady),
-             mfu=statistics.median(mfu) if mfu else float("nan"), wall_s=wall)
-    a, b = np.asarray(histories[kernel_impl]), np.asarray(histories["xla"])
-    worst = float(np.max(np.abs(a - b) / np.abs(b)))
-    table.add("train", f"losses {kernel_impl} vs xla, every step", bool(worst <= TRAIN_LOSS_RTOL), max_rel_diff=worst,
-         tol=TRAIN_LOSS_RTOL)
+        table.add("train", f"{pair}: {len(h)} steps", None, loss_first=h[0]["loss"], loss_last=h[-1]["loss"],
+                  step_ms=statistics.median(x["step_time_s"] for x in steady) * 1e3,
+                  tokens_per_s=statistics.median(x["tokens_per_s"] for x in steady),
+                  mfu=statistics.median(mfu) if mfu else float("nan"), wall_s=wall, losses=histories[pair])
+    reference = pairs[-1]
+    if reference not in histories:
+        return
+    b = np.asarray(histories[reference])
+    for pair, losses in histories.items():
+        if pair != reference:
+            worst = float(np.max(np.abs(np.asarray(losses) - b) / np.abs(b)))
+            table.add("train", f"losses {pair} vs {reference}, every step", bool(worst <= TRAIN_LOSS_RTOL),
+                      max_rel_diff=worst, tol=TRAIN_LOSS_RTOL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-smoke", dest="smoke", action="store_true", help="tiny sizes on CPU (checks the plumbing only)")
     p.add_argument("--seed", type=int, default=None, help="random inputs (default: from the clock)")
     p.add_argument("--sections", nargs="+", choices=("check", "speed", "train"), default=["check", "speed", "train"])
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="check and time only the cases whose name matches (e.g. 'cudnn|d=64')")
+    p.add_argument("--train", nargs="+", default=None, metavar="ATTENTION/MATMUL",
+                   help="the attention_impl/matmul_impl pairs to train; the last is the reference "
+                        "(default: auto/auto xla/xla)")
     p.add_argument("--out", default="benchmarks/out/gpu_acceptance.json")
     args = p.parse_args(argv)
     device = jax.devices()[0]
@@ -326,16 +386,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_acceptance on {meta['device']} ({meta['platform']}), jax {meta['jax']}, Python {meta['python']}, "
           f"seed {seed}", flush=True)
     start = time.perf_counter()
-    table, seconds = Table(seed), {}
-    for name, fn in (("check", check_kernels), ("speed", time_kernels), ("train", train_both)):
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows_log = out.with_suffix(".rows.jsonl")
+    rows_log.write_text("")
+    table, seconds = Table(seed, rows_log, args.only), {}
+    sections = {"check": check_kernels, "speed": time_kernels,
+                "train": lambda table, smoke: train_both(table, smoke, args.train)}
+    for name, fn in sections.items():
         if name in args.sections:
             t0 = time.perf_counter()
             fn(table, args.smoke)
             seconds[name] = time.perf_counter() - t0
     meta["seconds"] = {**seconds, "total": time.perf_counter() - start}
     failed = [r["case"] for r in table.rows if r["ok"] is False]
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": table.rows, "failed": failed}, indent=1))
     print(f"{len(table.rows)} rows, {len(failed)} failed, {meta['seconds']['total']:.0f} s; wrote {out}")
     return 1 if failed else 0

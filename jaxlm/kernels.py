@@ -64,7 +64,8 @@ def model_kernel_calls(cfg: Config, target: str | None = None) -> list[KernelCal
     attn = m.attention_impl
     # documents packed into rows carry segment ids (prepared data); the embedded corpus is one document
     add("train", "attention", "attention",
-        Call(dtype, head_dim=D, segment_ids=bool(cfg.data.path), group=group, sequence_sharded=cfg.mesh.sequence > 1), attn)
+        Call(dtype, head_dim=D, segment_ids=bool(cfg.data.path), seq_len=cfg.data.seq_len, group=group,
+             sequence_sharded=cfg.mesh.sequence > 1), attn)
     projections("train", train_tokens)
     add("prefill", "attention (cache)", "cached_attention",
         Call(dtype, head_dim=D, cache="contiguous", q_len=prompt, group=group), attn)

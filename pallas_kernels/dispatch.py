@@ -13,7 +13,8 @@ are in :mod:`pallas_kernels.table`; ``jaxlm kernels CONFIG`` prints what each ca
 * ``flash_triton``  :func:`pallas_kernels.flash_attention.flash_attention` (Triton forward and
   backward); ``flash_mosaic`` the Hopper Mosaic GPU forward with the Triton backward
   (:mod:`pallas_kernels.flash_attention_mosaic`).
-* ``cudnn``         ``jax.nn.dot_product_attention(implementation="cudnn")``. It serves
+* ``cudnn``         ``jax.nn.dot_product_attention(implementation="cudnn")``, ``auto``'s choice on
+  NVIDIA GPUs for the calls it takes (measured fastest; :mod:`pallas_kernels.table`). It serves
   self-attention over one call's tokens (``kv_positions is q_positions``: training and
   cache-less prefill) as ``is_causal=True``, which equals masking by positions when positions
   increase along the sequence within each segment (``arange``, or restarting per packed
@@ -72,6 +73,14 @@ def device_info() -> tuple[str, str | None]:
     return platform, getattr(device, "compute_capability", None)
 
 
+def _deviceless() -> bool:
+    """Whether kernels are being compiled for a GPU that is not here (a compile-only mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return (kind is not None and kind.platform in _GPU_PLATFORMS
+            and jax.devices()[0].platform not in _GPU_PLATFORMS)
+
+
 @functools.cache
 def _announce(message: str) -> None:
     warnings.warn(message, stacklevel=4)
@@ -80,7 +89,7 @@ def _announce(message: str) -> None:
 def select(op: str, call: Call, impl: str) -> Selection:
     """:func:`pallas_kernels.table.select` on this machine; a substitution is warned once."""
     platform, capability = device_info()
-    chosen = table.select(op, call, impl=impl, platform=platform, capability=capability)
+    chosen = table.select(op, call, impl=impl, platform=platform, capability=capability, deviceless=_deviceless())
     if chosen.substituted:
         _announce(chosen.reason)
     return chosen
@@ -90,7 +99,7 @@ def _whole(op: str, call: Call, impl: str) -> str:
     """The kernel for the unsharded call, unannounced: the per-shard selection (of the shard's
     shape) is the one that runs and reports."""
     platform, capability = device_info()
-    return table.select(op, call, impl=impl, platform=platform, capability=capability).kernel
+    return table.select(op, call, impl=impl, platform=platform, capability=capability, deviceless=_deviceless()).kernel
 
 
 def _interpret() -> bool:
@@ -139,8 +148,9 @@ def attention(
     mesh splits the sequence, self-attention goes through :func:`sharding.context.context_attention`
     (``context_impl``: ``all_gather`` runs the chosen kernel per shard, ``ring`` its own blocks).
     """
-    call = Call(q.dtype, head_dim=q.shape[-1], segment_ids=segment_ids is not None,
-                group=q.shape[2] // k.shape[2], sequence_sharded=_sequence_sharded())
+    call = Call(q.dtype, head_dim=q.shape[-1], segment_ids=segment_ids is not None, seq_len=q.shape[1],
+                group=q.shape[2] // k.shape[2], sequence_sharded=_sequence_sharded(),
+                other_keys=kv_positions is not q_positions)
     return _attention(select("attention", call, impl), q, k, v, q_positions, kv_positions, segment_ids, context_impl)
 
 

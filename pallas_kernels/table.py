@@ -10,24 +10,37 @@ says which and why, and the dispatch warns with it once. Nothing else chooses a 
 =================  =====================================================================================
 op                 candidates in order (impls that may pick them) -- support
 =================  =====================================================================================
-attention          flash_mosaic (auto, pallas) -- gpu sm_90; bf16/fp16; head_dim 64; no segment ids
+attention          cudnn (auto, cudnn) -- gpu sm_80+, with the GPU present (a compile-only plan cannot
+                   build it); bf16/fp16; head_dim a multiple of 8 up to 128; self-attention over one
+                   call's tokens, not sequence-sharded; segment ids (as a mask) at an even length
+                   flash_mosaic (auto, pallas) -- gpu sm_90; bf16/fp16; head_dim 64; no segment ids
                    flash_triton (auto, pallas) -- gpu sm_80+ (cpu: interpreter, pallas only); bf16/fp16/fp32;
                    head_dim <= 128; segment ids
-                   cudnn (cudnn) -- gpu; bf16/fp16; self-attention over one call's tokens, not sequence-sharded
                    xla (auto, xla) -- everything
 cached_attention   decode_triton (auto, pallas) -- as flash_triton; <= 16 new tokens, tokens x group <= 64
                    rows; contiguous cache, or paged with page_size 16/32/64/128 (float32: 16/32)
                    then the attention candidates over the (gathered) cache, cudnn excepted (it cannot
                    mask a cache: ``cudnn`` runs the ``pallas`` candidates here, reported)
-projection         matmul_mosaic (auto, pallas) -- gpu sm_90; bf16/fp16; M, N multiples of 64, K of 64
-                   matmul_triton (auto, pallas) -- gpu sm_80+ (cpu: interpreter, pallas only); bf16/fp16/fp32
+projection         matmul_mosaic (pallas) -- gpu sm_90; bf16/fp16; M, N multiples of 64, K of 64
+                   matmul_triton (pallas) -- gpu sm_80+ (cpu: interpreter, pallas only); bf16/fp16/fp32
                    xla (auto, xla)
-swiglu             swiglu_triton (auto, pallas) -- as matmul_triton
+swiglu             swiglu_triton (pallas) -- as matmul_triton
                    xla (auto, xla)
 =================  =====================================================================================
 
 ``auto`` runs an interpreter never: on CPU it is ``xla``. Other platforms (TPU, ROCm) get ``xla``
 under ``auto`` and a one-line ConfigError for ``pallas``/``cudnn``.
+
+Why this order (measured on one H200, jax 0.11.2, ``benchmarks/gpu_acceptance.py``, table in
+``benchmarks/RESULTS.md``): cuDNN's attention ran 290-540 TFLOP/s forward+backward where
+flash_mosaic ran 110-120 and flash_triton 77-96 (bf16, GQA 4, 2k and 8k tokens), and 185-235
+with segment ids against flash_triton's 88-102; XLA's GEMMs (cuBLAS) ran 597-804 TFLOP/s where
+matmul_triton ran 591-706 and matmul_mosaic 532-664. A 1B model's training step took 238 ms
+with cuDNN attention and XLA GEMMs, 282 ms with flash_mosaic and XLA GEMMs, 377 ms with every
+Pallas kernel and 693 ms with XLA alone. The Pallas attention kernels stay ``auto``'s choice for
+what cuDNN does not take (float32, KV caches, sequence-sharded keys), and decode_triton for
+cached attention: it read the KV cache at 2.8-3.3 TB/s where XLA read 1.1. The Pallas GEMMs run
+under ``matmul_impl: pallas`` only.
 
 Blocks. Each candidate's block table is in :data:`BLOCKS` (matmul_triton's is
 :data:`pallas_kernels.matmul.BLOCK_TABLE`, which its backward and SwiGLU's also read;
@@ -117,6 +130,8 @@ class Kernel:
     segment_ids: bool = True
     cache: tuple[str, ...] = ()  # cache layouts taken (cached_attention's own kernels)
     self_attention_only: bool = False  # cannot mask keys that are not the queries' own tokens
+    head_dim_multiple: int = 1
+    needs_device: bool = False  # compiles only with the GPU present (not in a compile-only plan)
 
 
 def _nbytes(dtype) -> int:
@@ -146,10 +161,13 @@ BLOCKS: dict[str, Mapping[Any, Any]] = {
 
 KERNELS: dict[str, tuple[Kernel, ...]] = {
     "attention": (
+        # jax.nn.dot_product_attention's cuDNN checks (jax/_src/cudnn/fused_attention_stablehlo.py,
+        # check_is_flash_attention): head_dim a multiple of 8, <= 128 before Hopper (256 on it)
+        Kernel("cudnn", ("auto", "cudnn"), ("gpu",), dtypes=_HALF, head_dims=(8, 128), head_dim_multiple=8,
+               self_attention_only=True, needs_device=True),
         Kernel("flash_mosaic", ("auto", "pallas"), ("gpu",), capabilities=(9,), dtypes=_HALF,
                head_dims=(64, 64), segment_ids=False),
         Kernel("flash_triton", ("auto", "pallas"), ("gpu", "cpu"), head_dims=(1, 128)),
-        Kernel("cudnn", ("cudnn",), ("gpu",), dtypes=_HALF, self_attention_only=True),
         Kernel("xla", ("auto", "xla"), ("gpu", "cpu", "*")),
     ),
     "cached_attention": (
@@ -160,12 +178,12 @@ KERNELS: dict[str, tuple[Kernel, ...]] = {
         Kernel("xla", ("auto", "xla"), ("gpu", "cpu", "*")),
     ),
     "projection": (
-        Kernel("matmul_mosaic", ("auto", "pallas"), ("gpu",), capabilities=(9,), dtypes=_HALF),
-        Kernel("matmul_triton", ("auto", "pallas"), ("gpu", "cpu")),
+        Kernel("matmul_mosaic", ("pallas",), ("gpu",), capabilities=(9,), dtypes=_HALF),
+        Kernel("matmul_triton", ("pallas",), ("gpu", "cpu")),
         Kernel("xla", ("auto", "xla"), ("gpu", "cpu", "*")),
     ),
     "swiglu": (
-        Kernel("swiglu_triton", ("auto", "pallas"), ("gpu", "cpu")),
+        Kernel("swiglu_triton", ("pallas",), ("gpu", "cpu")),
         Kernel("xla", ("auto", "xla"), ("gpu", "cpu", "*")),
     ),
 }
@@ -182,8 +200,10 @@ class Call:
     q_len: int | None = None  # new tokens per sequence (cached attention)
     group: int = 1  # query heads per kv head
     page_size: int | None = None
+    seq_len: int | None = None  # tokens per sequence (self-attention); None: unknown
     mnk: tuple[int, int, int] | None = None  # GEMM shape (projection)
     sequence_sharded: bool = False  # context parallelism gathers keys that are not the queries'
+    other_keys: bool = False  # keys at other positions than the queries' own (kv_positions is not q_positions)
 
     def describe(self) -> str:
         parts = [jnp.dtype(self.dtype).name]
@@ -211,13 +231,16 @@ class Selection:
     substituted: bool  # a candidate the impl prefers was passed over for a property of the call
 
 
-def _platform_reason(k: Kernel, impl: str, platform: str, capability: tuple[int, int] | None) -> str | None:
+def _platform_reason(k: Kernel, impl: str, platform: str, capability: tuple[int, int] | None,
+                     deviceless: bool = False) -> str | None:
     """Why ``k`` does not run on this machine at all (None: it may)."""
     if platform not in k.platforms and "*" not in k.platforms:
         return f"not on {platform}"
+    if deviceless and k.needs_device:
+        return "compiles only with the GPU present (cuDNN builds its kernel on the device)"
     if platform == "cpu" and k.name != "xla" and impl == "auto":
         return "auto never runs the CPU interpreter"
-    if platform == "gpu":
+    if platform == "gpu" and k.name != "xla":  # XLA runs on every GPU it supports
         if capability is None:
             return "unknown compute capability"
         if k.capabilities and capability[0] not in k.capabilities:
@@ -239,9 +262,13 @@ def _call_reason(op: str, k: Kernel, call: Call) -> str | None:
     if k.head_dims and call.head_dim is not None and not k.head_dims[0] <= call.head_dim <= k.head_dims[1]:
         lo, hi = k.head_dims
         return f"head_dim {call.head_dim} not supported ({lo}..{hi})" if lo != hi else f"head_dim {call.head_dim} not supported (only {lo})"
+    if call.head_dim is not None and call.head_dim % k.head_dim_multiple:
+        return f"head_dim {call.head_dim} not a multiple of {k.head_dim_multiple}"
     if call.segment_ids and not k.segment_ids:
         return "segment ids not supported"
-    if k.self_attention_only and (call.cache or call.sequence_sharded):
+    if k.name == "cudnn" and call.segment_ids and call.seq_len is not None and call.seq_len % 2:
+        return f"segment ids (a mask) need an even sequence length, not {call.seq_len}"
+    if k.self_attention_only and (call.cache or call.sequence_sharded or call.other_keys):
         return "cannot mask keys other than the queries' own tokens (KV cache or sequence-sharded)"
     if op == "cached_attention" and k.cache:
         if call.cache not in k.cache:
@@ -288,10 +315,14 @@ def _normalise(platform: str) -> str:
     return "gpu" if platform in ("gpu", "cuda") else platform
 
 
-def select(op: str, call: Call, *, impl: str, platform: str, capability: str | tuple[int, int] | None) -> Selection:
+def select(op: str, call: Call, *, impl: str, platform: str, capability: str | tuple[int, int] | None,
+           deviceless: bool = False) -> Selection:
     """The kernel for ``call`` of ``op`` under config value ``impl`` on ``platform``/``capability``.
 
     ``capability`` is the GPU's compute capability (``"9.0"`` or ``(9, 0)``; ignored elsewhere).
+    ``deviceless``: compiling for a GPU that is not here (``jaxlm plan``), where cuDNN's kernel
+    cannot be built: ``auto`` then plans the next candidate and ``cudnn`` the ``pallas`` kernels,
+    each saying so in the reason (a substitution: the plan compiles another kernel than the GPU runs).
     Raises ConfigError (one line) for an impl that is not available or has no kernel on the platform.
     """
     if op not in KERNELS:
@@ -311,8 +342,16 @@ def select(op: str, call: Call, *, impl: str, platform: str, capability: str | t
         effective = "pallas"  # cuDNN's is_causal cannot mask keys that are not the queries' own
         what = "a KV cache" if op == "cached_attention" else "keys gathered over the sequence axis"
         note.append(f"cudnn cannot mask {what}, so the pallas kernels run")
+    elif impl == "cudnn" and platform == "gpu" and deviceless:
+        effective = "pallas"
+        note.append("cudnn compiles only with the GPU present, so this compile-only plan compiles the pallas kernels")
     mine = [k for k in KERNELS[op] if effective in k.impls]
-    runnable = [k for k in mine if _platform_reason(k, effective, platform, capability) is None]
+    runnable = [k for k in mine if _platform_reason(k, effective, platform, capability, deviceless) is None]
+    if impl == "auto" and deviceless and op == "attention" and any(
+            k.needs_device and _call_reason(op, k, call) is None for k in mine
+            if _platform_reason(k, effective, platform, capability) is None):
+        note.append("cudnn, which the GPU runs for this call, compiles only with the GPU present: "
+                    "this compile-only plan compiles the next candidate")
     if not runnable:
         why = _platform_reason(mine[0], effective, platform, capability) if mine else "no kernel"
         raise ConfigError(f"{key} '{impl}' has no kernel for {where} ({mine[0].name if mine else op}: {why}); "

@@ -86,10 +86,10 @@ def test_interpreter_forward_fp16_head_dim_128_causal(watchdog):
 )
 def test_inputs_the_kernel_cannot_serve_select_triton_with_the_reason(dtype, head_dim, segments, fragment):
     call = Call(dtype, head_dim=head_dim, segment_ids=segments)
-    chosen = select("attention", call, impl="auto", platform="gpu", capability="9.0")
+    chosen = select("attention", call, impl="pallas", platform="gpu", capability="9.0")
     assert chosen.kernel == "flash_triton" and chosen.substituted
     assert f"instead of flash_mosaic: {fragment}" in chosen.reason
-    served = select("attention", Call(jnp.bfloat16, head_dim=64), impl="auto", platform="gpu", capability="9.0")
+    served = select("attention", Call(jnp.bfloat16, head_dim=64), impl="pallas", platform="gpu", capability="9.0")
     assert served.kernel == "flash_mosaic" and not served.substituted
 
 

@@ -21,10 +21,10 @@ CPU = dict(platform="cpu", capability=None)
 
 # (op, call, impl, machine) -> the kernel select() must return: one line per candidate of the table
 REACH = [
-    ("attention", Call(BF16, head_dim=64), "auto", H100, "flash_mosaic"),
-    ("attention", Call(BF16, head_dim=128), "auto", A100, "flash_triton"),
+    ("attention", Call(BF16, head_dim=128, segment_ids=True, seq_len=2048), "auto", A100, "cudnn"),
+    ("attention", Call(BF16, head_dim=64), "pallas", H100, "flash_mosaic"),
+    ("attention", Call(FP32, head_dim=128), "auto", A100, "flash_triton"),
     ("attention", Call(FP32, head_dim=64), "pallas", CPU, "flash_triton"),
-    ("attention", Call(BF16, head_dim=128, segment_ids=True), "cudnn", H100, "cudnn"),
     ("attention", Call(BF16, head_dim=128), "auto", CPU, "xla"),
     ("attention", Call(BF16, head_dim=256), "auto", H100, "xla"),  # no kernel for head_dim 256
     ("cached_attention", Call(BF16, head_dim=128, cache="contiguous", q_len=1, group=8), "auto", H100, "decode_triton"),
@@ -32,9 +32,9 @@ REACH = [
     ("cached_attention", Call(BF16, head_dim=64, cache="contiguous", q_len=512, group=4), "auto", H100, "flash_mosaic"),
     ("cached_attention", Call(BF16, head_dim=128, cache="contiguous", q_len=512, group=4), "pallas", H100, "flash_triton"),
     ("cached_attention", Call(FP32, head_dim=128, cache="contiguous", q_len=1, group=4), "xla", H100, "xla"),
-    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "auto", H100, "matmul_mosaic"),
-    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "auto", A100, "matmul_triton"),
-    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "xla", H100, "xla"),
+    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "pallas", H100, "matmul_mosaic"),
+    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "pallas", A100, "matmul_triton"),
+    ("projection", Call(BF16, mnk=(4096, 4096, 4096)), "auto", H100, "xla"),
     ("swiglu", Call(FP16, mnk=(8, 14336, 4096)), "pallas", H100, "swiglu_triton"),
     ("swiglu", Call(FP16, mnk=(8, 14336, 4096)), "auto", CPU, "xla"),
 ]
@@ -58,7 +58,7 @@ def test_every_block_row_is_what_select_hands_out():
         call = Call(BF16 if nbytes == 2 else FP32, head_dim=dclass)
         chosen = select("attention", call, impl="pallas", **A100)
         assert (chosen.kernel, chosen.blocks) == ("flash_triton", blocks)
-    assert select("attention", Call(FP16, head_dim=64), impl="auto", **H100).blocks == table.BLOCKS["flash_mosaic"][(64, 2)]
+    assert select("attention", Call(FP16, head_dim=64), impl="pallas", **H100).blocks == table.BLOCKS["flash_mosaic"][(64, 2)]
     for (layout, nbytes), blocks in table.BLOCKS["decode_triton"].items():
         paged = layout != "contiguous"
         call = Call(BF16 if nbytes == 2 else FP32, head_dim=128, cache="paged" if paged else "contiguous", q_len=1,
@@ -69,14 +69,22 @@ def test_every_block_row_is_what_select_hands_out():
 
     for (cls, nbytes), blocks in BLOCK_TABLE.items():
         M = {"skinny": 8, "medium": 200, "large": 4096}[cls]
-        chosen = select("projection", Call(BF16 if nbytes == 2 else FP32, mnk=(M, 1000, 1000)), impl="auto", **A100)
+        chosen = select("projection", Call(BF16 if nbytes == 2 else FP32, mnk=(M, 1000, 1000)), impl="pallas", **A100)
         assert (chosen.kernel, chosen.blocks) == ("matmul_triton", blocks)
 
 
 @pytest.mark.parametrize(
     "op, call, impl, machine, want, fragment",
     [
-        ("attention", Call(FP32, head_dim=64), "auto", H100, "flash_triton", "instead of flash_mosaic: dtype float32"),
+        ("attention", Call(FP32, head_dim=64), "auto", H100, "flash_triton",
+         "instead of cudnn: dtype float32 not supported; instead of flash_mosaic: dtype float32"),
+        ("attention", Call(BF16, head_dim=60), "auto", A100, "flash_triton", "instead of cudnn: head_dim 60 not a multiple of 8"),
+        ("attention", Call(BF16, head_dim=128, segment_ids=True, seq_len=2047), "auto", H100, "flash_triton",
+         "instead of cudnn: segment ids (a mask) need an even sequence length, not 2047"),
+        ("attention", Call(BF16, head_dim=64, sequence_sharded=True), "auto", H100, "flash_mosaic",
+         "instead of cudnn: cannot mask keys other than the queries' own tokens"),
+        ("attention", Call(BF16, head_dim=128, other_keys=True), "auto", A100, "flash_triton",
+         "instead of cudnn: cannot mask keys other than the queries' own tokens"),
         ("attention", Call(BF16, head_dim=128), "pallas", H100, "flash_triton", "instead of flash_mosaic: head_dim 128"),
         ("attention", Call(BF16, head_dim=64, sequence_sharded=True), "cudnn", H100, "flash_mosaic",
          "cudnn cannot mask keys gathered over the sequence axis"),
@@ -86,7 +94,7 @@ def test_every_block_row_is_what_select_hands_out():
          "flash_triton", "16 tokens x 8 heads per kv head = 128 rows > 64"),
         ("cached_attention", Call(FP32, head_dim=128, cache="paged", q_len=1, group=4, page_size=64), "pallas", A100,
          "flash_triton", "page_size 64 not one of 16, 32 for float32"),
-        ("projection", Call(BF16, mnk=(40, 4096, 4096)), "auto", H100, "matmul_triton", "instead of matmul_mosaic: shape M=40"),
+        ("projection", Call(BF16, mnk=(40, 4096, 4096)), "pallas", H100, "matmul_triton", "instead of matmul_mosaic: shape M=40"),
         ("attention", Call(BF16, head_dim=256), "pallas", A100, "xla", "no pallas kernel takes it: flash_triton: head_dim 256"),
     ],
 )
@@ -94,6 +102,21 @@ def test_substitutions_say_what_was_passed_over_and_why(op, call, impl, machine,
     chosen = select(op, call, impl=impl, **machine)
     assert chosen.kernel == want and chosen.substituted
     assert fragment in chosen.reason
+
+
+@pytest.mark.parametrize("impl, want, fragment", [
+    ("auto", "flash_mosaic", "cudnn, which the GPU runs for this call, compiles only with the GPU present"),
+    ("cudnn", "flash_mosaic", "cudnn compiles only with the GPU present, so this compile-only plan compiles the pallas kernels"),
+])
+def test_a_compile_only_plan_says_it_compiles_another_kernel_than_cudnn(impl, want, fragment):
+    chosen = select("attention", Call(BF16, head_dim=64), impl=impl, deviceless=True, **H100)
+    assert chosen.kernel == want and chosen.substituted and fragment in chosen.reason
+    # with the GPU present the same call runs cuDNN, unannounced under auto
+    chosen = select("attention", Call(BF16, head_dim=64), impl=impl, **H100)
+    assert chosen.kernel == "cudnn" and not chosen.substituted
+    # calls cuDNN does not take plan exactly what the GPU runs: no note
+    fp32 = select("attention", Call(FP32, head_dim=64), impl="auto", deviceless=True, **H100)
+    assert fp32.kernel == "flash_triton" and "compile-only" not in fp32.reason
 
 
 def test_routing_is_not_a_substitution():
@@ -139,7 +162,8 @@ def test_cli_prints_each_call_with_kernel_and_reason():
     lines = r.stdout.splitlines()
     assert lines[0].startswith("kernels on h100 (NVIDIA H100 80GB HBM3, sm_90): attention_impl=auto")
     rows = {tuple(line.split()[:2]): line for line in lines[2:]}
-    assert "flash_mosaic" in rows[("train", "attention")] and "block_q=2x64" in rows[("train", "attention")]
+    assert "cudnn" in rows[("train", "attention")]
+    assert "flash_mosaic" in rows[("prefill", "attention")] and "block_q=2x64" in rows[("prefill", "attention")]
     assert "decode_triton" in rows[("decode", "attention")] and "block_k=64" in rows[("decode", "attention")]
     assert "decode_triton" in rows[("serve", "attention")] and "paged cache (page 16)" in rows[("serve", "attention")]
     assert all(k in r.stdout for k in ("q projection", "k/v projection", "o projection", "gate/up (SwiGLU)", "down projection"))
