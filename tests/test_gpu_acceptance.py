@@ -53,6 +53,36 @@ def test_cpu_smoke_runs_every_section_and_passes(tmp_path):
     assert all(r["loss_last"] < r["loss_first"] for r in train[:2])
     assert set(report["meta"]["seconds"]) == {"check", "speed", "train", "total"}
     assert "rows, 0 failed" in proc.stdout  # the table was printed
+    # every row was also appended as it came (what a run stopped by a timeout keeps)
+    kept = [json.loads(line) for line in out.with_suffix(".rows.jsonl").read_text().splitlines()]
+    assert kept == rows
+
+
+def test_only_keeps_the_matching_cases_and_train_pairs_name_the_reference(tmp_path):
+    module = _load_script()
+    table = module.Table(0, only="cudnn|decode paged")
+    assert table.wanted("flash cudnn d=64 bfloat16 gqa=4") and table.wanted("decode paged page=64 bfloat16")
+    assert not table.wanted("flash triton d=64 bfloat16 gqa=4") and module.Table(0).wanted("anything")
+    calls = []
+    table = module.Table(0)
+    table.add = lambda *a, **k: calls.append(a)  # record the rows without training
+    import jaxlm
+
+    histories = iter([[{"loss": 2.0, "step_time_s": 1.0, "tokens_per_s": 1.0}] * 4,
+                      [{"loss": 2.1, "step_time_s": 1.0, "tokens_per_s": 1.0}] * 4])
+
+    class Result:
+        def __init__(self):
+            self.history = next(histories)
+
+    real = jaxlm.train
+    jaxlm.train = lambda cfg: Result()
+    try:
+        module.train_both(table, smoke=True, pairs=["pallas/xla", "xla/xla"])
+    finally:
+        jaxlm.train = real
+    assert [c[1] for c in calls] == ["pallas/xla: 4 steps", "xla/xla: 4 steps", "losses pallas/xla vs xla/xla, every step"]
+    assert calls[-1][2] is False  # 5% apart: over the 2% tolerance
 
 
 def test_refuses_to_run_on_a_cpu_without_smoke_flag(tmp_path):
