@@ -321,14 +321,15 @@ def plan_decode(
                                 sharding=pool_sharding)
     rep = NamedSharding(mesh, PartitionSpec())
     like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
-    # the engine's step inputs, as it builds them: tokens, positions, page table, last index, then
-    # the sampling rows (seeds, counters, generated ids, banned ids, temperature, top-k/p, penalties)
+    # the engine's step inputs, as it builds them: tokens, positions, page table, last index, next
+    # tokens (prompt scoring; unused here), then the sampling rows (seeds, counters, generated ids,
+    # banned ids, temperature, top-k/p, penalties, which rows report log-probabilities)
     sampling = SamplingRows(rows, context, 1 + MAX_STOP_TOKEN_IDS)
     host = (np.zeros((rows, 1), np.int32), np.zeros((rows, 1), np.int32), np.zeros((rows, pages_per_seq), np.int32),
-            np.zeros((rows,), np.int32), *sampling.arrays())
+            np.zeros((rows,), np.int32), np.zeros((rows, 1), np.int32), *sampling.arrays())
     args = tuple(like(a) for a in host)
     with jax.set_mesh(mesh):
-        lowered = _forward_and_sample.trace(graphdef, params, pool, pool, *args).lower()
+        lowered = _forward_and_sample.trace(graphdef, False, params, pool, pool, *args).lower()
     program = _report("decode_step", lowered, model_step_flops(cfg, rows, train=False, context=context) / mesh.size)
     pool_bytes = 2 * device_bytes(pool)
     kv_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype.itemsize

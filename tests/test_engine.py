@@ -249,6 +249,89 @@ def test_penalties_and_logprobs_survive_preemption_and_a_huge_top_k_disables_onl
     assert engine.allocator.num_used == 0
 
 
+def _dense_log_softmax(model, ids):
+    """float32 ``[len(ids), vocab]``: log-softmax of one cache-less forward pass (row t predicts token t + 1)."""
+    logits, _ = model(jnp.asarray([ids], jnp.int32), jnp.arange(len(ids), dtype=jnp.int32)[None])
+    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+
+
+def test_prompt_logprobs_equal_a_dense_forward_through_the_prefix_cache_and_preemption(model, small_engine, prompts,
+                                                                                        reference):
+    """Every prompt token's log-probability and top-4 alternatives equal a dense forward pass, for a
+    first request, for one whose prompt is already in the prefix cache (the cached pages cannot give
+    logits: it must compute them), and in a pool small enough that requests are preempted."""
+    k = 4
+    shared = prompts[3]  # 38 tokens: two full pages that the first request leaves cached
+    requests = [Request(shared, max_tokens=5, temperature=0.0, prompt_logprobs=k),
+                Request(shared, max_tokens=5, temperature=0.0, prompt_logprobs=k),
+                Request(prompts[5], max_tokens=9, temperature=0.0, prompt_logprobs=0),
+                Request(prompts[2], max_tokens=10, temperature=0.0),
+                Request(prompts[0], max_tokens=3, temperature=0.0, prompt_logprobs=2)]
+    before = small_engine.stats()["preemptions_total"]
+    first = small_engine.generate(requests[:1])[0]
+    outs = [first] + _run_staggered(small_engine, requests[1:], [0, 0, 0, 1])
+    assert small_engine.stats()["preemptions_total"] > before
+    for req, out in zip(requests, outs):
+        ids = list(req.prompt)
+        assert out.token_ids == generate_tokens(model, [ids], DecodeConfig(max_new_tokens=req.max_tokens,
+                                                                           temperature=0.0))[0][:req.max_tokens]
+        if req.prompt_logprobs is None:
+            assert out.prompt_logprobs is None
+            continue
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        rows = _dense_log_softmax(model, ids)
+        got = out.prompt_logprobs[1:]
+        np.testing.assert_allclose([lp.logprob for lp in got], rows[np.arange(len(ids) - 1), ids[1:]], atol=2e-4)
+        for t, lp in enumerate(got):
+            assert len(lp.top) == req.prompt_logprobs
+            want = np.argsort(-rows[t], kind="stable")[: req.prompt_logprobs]
+            np.testing.assert_allclose([b for _, b in lp.top], rows[t][want], atol=2e-4)
+            assert [a for a, _ in lp.top] == want.tolist()
+    assert outs[1].cached_tokens == 0  # the cached pages hold no logits: its prompt was computed again
+    np.testing.assert_allclose([lp.logprob for lp in outs[1].prompt_logprobs[1:]],
+                               [lp.logprob for lp in outs[0].prompt_logprobs[1:]], atol=1e-5)
+    assert small_engine.allocator.num_used == 0
+
+
+def test_prompt_logprobs_are_refused_out_of_range(engine):
+    for bad in (-1, 21, True, 2.0):
+        with pytest.raises(RequestError, match=r"^prompt_logprobs must be None or an integer in \[0, 20\]"):
+            engine.add_request(Request([1, 2, 3], prompt_logprobs=bad))
+
+
+def test_sampling_skips_what_no_row_needs():
+    """A greedy batch with no log-probabilities asked takes the (penalised) arg-max alone and reports
+    zeros; one row asking turns the full path on, and the tokens stay the same."""
+    from jaxlm.serve.sampling import SamplingRows, sample_rows
+
+    @jax.jit
+    def step(logits, seeds, counters, *rest):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+        return sample_rows(logits, keys, *rest)
+
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((3, 50)).astype(np.float32)
+    generated = [[7, 7, 3], [int(np.argmax(logits[1]))] * 2, []]
+    penalised = logits.copy()
+    for r, (presence, frequency) in enumerate([(0.0, 0.0), (0.5, 2.0), (0.0, 0.0)]):
+        counts = np.bincount(generated[r], minlength=50)
+        penalised[r] -= counts * frequency + (counts > 0) * presence
+    for asks in ([False, False, False], [False, False, True]):
+        rows = SamplingRows(3, 8, 2)
+        for r, (presence, frequency) in enumerate([(0.0, 0.0), (0.5, 2.0), (0.0, 0.0)]):
+            knob = (np.float32(0), np.int32(0), np.float32(1), np.float32(presence), np.float32(frequency))
+            rows.set(r, r, generated[r], knob, (), asks[r])
+        next_ids, chosen, top_ids, top_lp = map(np.asarray, step(jnp.asarray(logits), *map(jnp.asarray, rows.arrays())))
+        assert next_ids.tolist() == np.argmax(penalised, axis=-1).tolist()
+        assert next_ids[1] != np.argmax(logits[1])  # the penalty moved it
+        if not any(asks):
+            assert not chosen.any() and not top_ids.any() and not top_lp.any()  # not computed
+        else:
+            want = penalised[2] - np.log(np.exp(penalised[2] - penalised[2].max()).sum()) - penalised[2].max()
+            np.testing.assert_allclose(chosen[2], want[next_ids[2]], atol=1e-5)
+            assert top_ids[2].tolist() == np.argsort(-want)[:20].tolist()
+
+
 POISON = 4095  # a prompt holding this id makes the (wrapped) device call fail
 
 
@@ -288,12 +371,12 @@ def test_a_device_call_that_fails_for_one_request_fails_only_it(model, prompts, 
 
     real = engine_module._forward_and_sample
 
-    def flaky(graphdef, state, k_pool, v_pool, tokens_BxT, *rest):
+    def flaky(graphdef, score, state, k_pool, v_pool, tokens_BxT, *rest):
         if (np.asarray(tokens_BxT) == POISON).any():
             if consumes_pools:
                 k_pool.delete(), v_pool.delete()
             raise RuntimeError("device says no\nsecond line")
-        return real(graphdef, state, k_pool, v_pool, tokens_BxT, *rest)
+        return real(graphdef, score, state, k_pool, v_pool, tokens_BxT, *rest)
 
     monkeypatch.setattr(engine_module, "_forward_and_sample", flaky)
     engine = Engine(model, num_pages=24, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2)

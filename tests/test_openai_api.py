@@ -193,6 +193,32 @@ def test_batched_text_prompts_with_echo(client):
         assert choice.text == prompt + alone.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_in_openais_legacy_layout(client, log_softmax_rows):
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=3,
+              extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    out = client.completions.create(**kw)
+    lp = out.choices[0].logprobs
+    ids = _ids(lp.tokens)
+    gen = ids[len(PROMPT):]
+    assert ids[: len(PROMPT)] == PROMPT and len(gen) == 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    rows = log_softmax_rows(ids)
+    for j in range(1, len(ids)):
+        np.testing.assert_allclose(lp.token_logprobs[j], rows[j - 1][ids[j]], atol=5e-4)
+        assert _ids(lp.top_logprobs[j]) == list(np.argsort(-rows[j - 1])[:3])
+        np.testing.assert_allclose(list(lp.top_logprobs[j].values()), np.sort(rows[j - 1])[::-1][:3], atol=5e-4)
+    assert lp.text_offset == [0] + np.cumsum([len(t) for t in lp.tokens[:-1]]).tolist()
+    # again, its prompt now in the prefix cache: computed again (the cache has no logits), same answer
+    again = client.completions.create(**kw)
+    assert again.choices[0].logprobs.tokens == lp.tokens and again.usage.prompt_tokens_details.cached_tokens == 0
+    np.testing.assert_allclose(again.choices[0].logprobs.token_logprobs[1:], lp.token_logprobs[1:], atol=1e-5)
+    # streamed: the first chunk carries the echoed prompt and its log-probabilities
+    chunks = list(client.completions.create(**kw, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+
+
 def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(client):
     ids = np.random.default_rng(21).integers(1, VOCAB, 40).tolist()
     first, again = (client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0) for _ in range(2))
@@ -332,7 +358,7 @@ FUZZ = [  # (name, method, path, body: bytes | JSON value, status, param)
      400, None),
     ("stream_options extra", "POST", "/v1/completions",
      {"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options.x"),
-    ("echo with logprobs", "POST", "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 2}, 400, "echo"),
+    ("echo string", "POST", "/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
     ("logit_bias", "POST", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("suffix", "POST", "/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ("best_of", "POST", "/v1/completions", {"prompt": "hi", "best_of": 3}, 400, None),

@@ -51,24 +51,28 @@ from jaxlm.serve.costs import call_flops_and_bytes, device_rates, load_beats_rec
 from jaxlm.serve.metrics import EngineMetrics
 from jaxlm.serve.prefix_cache import HostTier, compile_page_copies, copy_from_host, copy_to_host, page_hashes
 from jaxlm.serve.request import MAX_STOP_TOKEN_IDS, Output, Request, RequestError, TokenLogprobs
-from jaxlm.serve.sampling import SamplingRows, knobs, sample_rows
+from jaxlm.serve.sampling import SamplingRows, knobs, sample_rows, score_tokens
 from jaxlm.serve.sequence import Event, RequestState
 from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_size
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def _forward_and_sample(graphdef, state, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP, last_B,
-                        seeds_B, counters_B, *sampling):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
+def _forward_and_sample(graphdef, score: bool, state, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP,
+                        last_B, targets_BxT, seeds_B, counters_B, *sampling):
     """One model call over the paged cache, then each row samples from its token ``last_B``
     (:func:`jaxlm.serve.sampling.sample_rows`, ``sampling`` its remaining arguments).
 
-    Returns ((next ids ``[B]``, their log-probabilities, top ids ``[B, K]``, top log-probabilities), k pool, v pool).
+    Returns ((next ids ``[B]``, their log-probabilities, top ids ``[B, K]``, top log-probabilities), k pool, v pool);
+    with ``score`` (a third program, compiled when a request asks for prompt log-probabilities) the
+    first tuple also holds :func:`jaxlm.serve.sampling.score_tokens` of ``targets_BxT``.
     """
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens_BxT, positions_BxT, PagedKVCache(k_pool, v_pool, page_table_BxP))
     last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counters_B)
     sampled = sample_rows(last_BxV, keys, *sampling)
+    if score:
+        sampled = (*sampled, *score_tokens(logits, targets_BxT))
     k, v = cache.layer_stack()[0]
     return sampled, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
 
@@ -224,6 +228,7 @@ class Engine:
         seq = RequestState(request, rid, ids, list(ids), sampling_seed(seed), self._clock(), stop, detok,
                         knobs(request, self.cfg.vocab_size))
         seq.logprobs = [] if request.logprobs is not None else None
+        seq.prompt_logprobs = [] if request.prompt_logprobs is not None else None
         self._waiting.append(seq)
         return rid
 
@@ -269,7 +274,8 @@ class Engine:
         }
 
     def compiled_programs(self) -> int:
-        """How many programs the step function has compiled (stays 2 once warm: prefill, decode)."""
+        """How many programs the step function has compiled (stays 2 once warm: prefill, decode; 3
+        once a request asked for prompt log-probabilities: prefill with scoring)."""
         return _forward_and_sample._cache_size()
 
     # ---------------------------------------------------------------- scheduling
@@ -288,8 +294,11 @@ class Engine:
         Its last token is always left out (it must be computed to have logits to sample from)."""
         if not self.enable_prefix_caching:
             return []
+        pages = (len(seq.tokens) - 1) // self.page_size
+        if seq.prompt_logprobs is not None:  # only what it has scored: the rest needs its logits
+            pages = min(pages, len(seq.prompt_logprobs) // self.page_size)
         found = []
-        for h in self._hashes(seq, (len(seq.tokens) - 1) // self.page_size):
+        for h in self._hashes(seq, pages):
             page = self.allocator.lookup(h)
             if page is None and h not in self.host:
                 break
@@ -389,6 +398,8 @@ class Engine:
     # ---------------------------------------------------------------- running
     def _call(self, seqs: list[RequestState], rows: int, width: int, row_of) -> tuple[np.ndarray, ...]:
         tokens = np.zeros((rows, width), np.int32)
+        targets = np.zeros((rows, width), np.int32)  # the token after each fed one (prompt scoring)
+        score = width > 1 and any(seq.scoring for seq in seqs)
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)).copy()
         table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
         last = np.zeros((rows,), np.int32)
@@ -396,13 +407,15 @@ class Engine:
         for i, seq in enumerate(seqs):
             r, n, start = row_of(i, seq), min(seq.remaining, width), seq.num_cached
             tokens[r, :n] = seq.tokens[start:start + n]
+            after = seq.tokens[start + 1:start + n + 1]
+            targets[r, :len(after)] = after
             positions[r] += start
             table[r, : len(seq.pages)] = seq.pages
             last[r] = n - 1
             banned = seq.stop_ids if len(seq.generated) < seq.request.min_tokens else ()
-            sampling.set(r, seq.seed, seq.generated, seq.knobs, banned)
-        args = (self._graphdef, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
-            tokens, positions, table, last, *sampling.arrays())))
+            sampling.set(r, seq.seed, seq.generated, seq.knobs, banned, seq.logprobs is not None)
+        args = (self._graphdef, score, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
+            tokens, positions, table, last, targets, *sampling.arrays())))
         out, self._k_pool, self._v_pool = self._on_mesh(_forward_and_sample, *args)
         return tuple(np.asarray(a) for a in jax.device_get(out))
 
@@ -467,6 +480,8 @@ class Engine:
                 if isinstance(row, str):
                     events.append(self._fail(seq, row))
                     continue
+                if seq.scoring and len(row) > 4:
+                    seq.score(seq.num_cached, *(a[:n] for a in row[4:]))
                 seq.num_cached += n
                 self._name_pages(seq, seq.num_cached - n)
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
@@ -489,18 +504,23 @@ class Engine:
         if seq.logprobs is not None:
             lp = TokenLogprobs(float(sampled[1]), tuple(zip(sampled[2][: seq.request.logprobs].tolist(),
                                                              sampled[3][: seq.request.logprobs].tolist())))
+        prompt_lps = None
         if seq.first_token_s is None:
             seq.first_token_s = now - seq.arrival
             self.metrics.record_first_token(seq.first_token_s)
+            if seq.prompt_logprobs is not None:
+                prompt_lps = [None, *seq.prompt_logprobs]
         else:
             self.metrics.record_inter_token(now - seq.last_token_s)
         seq.last_token_s = now
         reason, delta = seq.accept(token, lp)
         if reason is None:
-            return Event(seq.request_id, [token], text=delta, logprobs=None if lp is None else [lp])
+            return Event(seq.request_id, [token], text=delta, logprobs=None if lp is None else [lp],
+                         prompt_logprobs=prompt_lps)
         self._release(seq)
         self.metrics.record_finished()
-        return Event(seq.request_id, [token], seq.output(reason), delta, None if lp is None else [lp])
+        return Event(seq.request_id, [token], seq.output(reason), delta, None if lp is None else [lp],
+                     prompt_logprobs=prompt_lps)
 
     # ---------------------------------------------------------------- convenience loops
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[str, list[int]]]:

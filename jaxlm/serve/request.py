@@ -31,7 +31,10 @@ class Request:
     was generated so far (OpenAI's formula: platform.openai.com/docs/advanced-usage, "Frequency and
     presence penalties"), before temperature. ``logprobs`` (None or 0..20) asks for each new token's
     log-probability and that many top alternatives, of the distribution the token was drawn from
-    (see :class:`TokenLogprobs`).
+    (see :class:`TokenLogprobs`). ``prompt_logprobs`` (None or 0..20, vLLM's name) asks the same for
+    every prompt token after the first, under the model's own distribution (log-softmax of its
+    logits: no penalty, temperature or filter); such a request reuses cached pages only as far as
+    it has scored its prompt (it must compute the logits of every prompt position).
     """
 
     prompt: str | Sequence[int]
@@ -48,6 +51,7 @@ class Request:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -72,9 +76,11 @@ class Request:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if isinstance(self.prompt, str):
             if not self.prompt:
                 raise RequestError("prompt must not be empty")
@@ -109,3 +115,6 @@ class Output:
     time_to_first_token_s: float = 0.0
     logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when the request asked
     cached_tokens: int = 0  # prompt tokens read from the prefix cache when it was first scheduled (not prefilled)
+    # one per prompt token when the request asked (``prompt_logprobs``): None for the first, which
+    # nothing predicts, then each token's log-probability given the ones before it (vLLM's layout)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -5,7 +5,10 @@ Choice ``i * n + j`` is choice ``j`` of prompt ``i`` (vLLM's order). ``usage`` c
 once and every choice's tokens. Log-probabilities take OpenAI's shapes: completions
 ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``, chat ``{"content": [{"token",
 "logprob", "bytes", "top_logprobs"}]}``; a token's string is its own decoding (special tokens kept),
-or ``token_id:{id}`` with vLLM's ``return_tokens_as_token_ids``.
+or ``token_id:{id}`` with vLLM's ``return_tokens_as_token_ids``. A completion with ``echo`` and
+``logprobs`` lists the prompt's tokens first, the first of them with ``null`` log-probabilities
+(OpenAI's legacy layout; the stream sends them with the echoed prompt), ``text_offset`` counting
+characters from the start of the echoed prompt.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ def build_requests(engine: Engine, body: CompletionRequest | ChatCompletionReque
     else:
         limit = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         logprobs = body.logprobs
-        if body.echo and logprobs is not None:
-            raise BadRequest("echo with logprobs is not supported (prompt log-probabilities are not computed)", "echo")
+    prompt_logprobs = logprobs if not chat and body.echo else None
     stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
     out = []
     for i, prompt in enumerate(prompts):
@@ -54,7 +56,7 @@ def build_requests(engine: Engine, body: CompletionRequest | ChatCompletionReque
                 seed=None if body.seed is None else body.seed + j, request_id=f"{request_id}-{i * n + j}",
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                min_tokens=body.min_tokens or 0, logprobs=logprobs,
+                min_tokens=body.min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             ))
     return out
 
@@ -70,6 +72,7 @@ class Choices:
         self.started = [False] * len(requests)
         self.head = {"id": request_id, "created": int(time.time()), "model": model_name}
         self.echo = [self._text_of(p) for p in prompts] if not chat and body.echo else None
+        self.prompts = prompts
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def _text_of(self, prompt) -> str:
@@ -89,7 +92,17 @@ class Choices:
             return f"token_id:{token_id}"
         return tok.decode([token_id], skip_special_tokens=False) if tok is not None else str(token_id)
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None, offset: int = 0) -> dict | None:
+    def _prompt_ids(self, i: int) -> list[int]:
+        prompt = self.prompts[i // self.n]
+        return list(prompt) if not isinstance(prompt, str) else self.engine.tokenizer.encode(prompt).ids
+
+    def _with_prompt(self, i: int, token_ids: list[int], logprobs, prompt_logprobs):
+        """(ids, log-probabilities) with the echoed prompt's in front when the request scored it."""
+        if self.echo is None or prompt_logprobs is None or logprobs is None:
+            return token_ids, logprobs
+        return self._prompt_ids(i) + list(token_ids), list(prompt_logprobs) + list(logprobs)
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs | None] | None, offset: int = 0) -> dict | None:
         if logprobs is None:
             return None
         tokens = [self._token(t) for t in token_ids]
@@ -103,8 +116,9 @@ class Choices:
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{self._token(a): b for a, b in lp.top} for lp in logprobs], "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+                "top_logprobs": [None if lp is None else {self._token(a): b for a, b in lp.top} for lp in logprobs],
+                "text_offset": offsets}
 
     # ---------------------------------------------------------------- whole responses
     def usage(self) -> dict[str, Any]:
@@ -120,7 +134,7 @@ class Choices:
         choices = []
         for i, out in enumerate(self.outputs):
             text = out.text or ""
-            logprobs = self._logprobs(out.token_ids, out.logprobs)
+            logprobs = self._logprobs(*self._with_prompt(i, out.token_ids, out.logprobs, out.prompt_logprobs))
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                                 "finish_reason": out.finish_reason})
@@ -142,7 +156,8 @@ class Choices:
         text = event.text
         if not self.started[i] and self.echo is not None:
             text = self.echo[i // self.n] + text
-        logprobs = self._logprobs(event.new_token_ids, event.logprobs)
+        prompt_logprobs = event.prompt_logprobs if not self.started[i] else None
+        logprobs = self._logprobs(*self._with_prompt(i, event.new_token_ids, event.logprobs, prompt_logprobs))
         if not (text or reason or logprobs):
             return None
         if self.chat:

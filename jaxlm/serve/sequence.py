@@ -25,7 +25,9 @@ class Event:
     output: Output | None = None
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None  # for new_token_ids, when the request asked
-    error: str | None = None  # the request failed (it holds no pages any more); output stays None
+    error: str | None = None
+    # with the first token of a request that asked for them (Output.prompt_logprobs' layout)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # the request failed (it holds no pages any more); output stays None
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,6 +53,7 @@ class RequestState:
     first_token_s: float | None = None
     last_token_s: float | None = None
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1, 2, ... as far as scored
     text_end: int = 0  # characters of the text that are its output, once finished
 
     @property
@@ -60,6 +63,22 @@ class RequestState:
     @property
     def remaining(self) -> int:  # tokens still to feed; 1 means decoding
         return len(self.tokens) - self.num_cached
+
+    @property
+    def scoring(self) -> bool:
+        """Whether prompt tokens are still to be scored (the request asked for ``prompt_logprobs``)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    def score(self, start: int, logprob_T, top_ids_TxK, top_lp_TxK) -> None:
+        """Keep the prompt log-probabilities of one call that fed tokens from ``start`` (its row's
+        ``[T]`` log-probabilities of the next token and ``[T, K]`` top alternatives); position ``t``
+        predicts token ``start + t + 1``, and only the next unscored tokens of the prompt are kept."""
+        k = self.request.prompt_logprobs
+        for t in range(len(logprob_T)):
+            if start + t + 1 != len(self.prompt_logprobs) + 1 or start + t + 1 >= len(self.prompt_ids):
+                continue
+            self.prompt_logprobs.append(TokenLogprobs(float(logprob_T[t]), tuple(zip(
+                top_ids_TxK[t][:k].tolist(), top_lp_TxK[t][:k].tolist()))))
 
     def accept(self, token: int, logprob: TokenLogprobs | None) -> tuple[str | None, str]:
         """Append a sampled token: ``(finish reason or None, the text that became final with it)``.
@@ -95,5 +114,6 @@ class RequestState:
     def output(self, reason: str) -> Output:
         """The finished request's :class:`~jaxlm.serve.request.Output`."""
         text = self.detok.text[: self.text_end] if self.detok is not None else None
+        prompt_logprobs = None if self.prompt_logprobs is None else [None, *self.prompt_logprobs]
         return Output(self.request_id, self.prompt_ids, self.generated, text, reason, self.preemptions,
-                      self.first_token_s, self.logprobs, self.prompt_cached or 0)
+                      self.first_token_s, self.logprobs, self.prompt_cached or 0, prompt_logprobs)
