@@ -345,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code. Every expected failure is one line on stderr,
     ``jaxlm: error: ...``, with the exit code of its type (see :mod:`jaxlm.errors`)."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides after a flag (`--target h100 model.x=1`) are overrides all the same
+            if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
     except _UsageError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pallas_kernels.table import Call, Selection, select
 from sharding.targets import get_target
 
 SERVE_PAGE_SIZE = 16  # the serving engine's default page size (jaxlm.serve.engine.Engine)
+SERVE_PREFILL_CHUNK = 64  # `jaxlm serve --prefill-chunk`'s default: prompt tokens one sequence feeds per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,8 @@ def model_kernel_calls(cfg: Config, target: str | None = None) -> list[KernelCal
     add("decode", "attention (cache)", "cached_attention",
         Call(dtype, head_dim=D, cache="contiguous", q_len=1, group=group), attn)
     projections("decode", 1)
+    add("serve", "prefill (paged cache)", "cached_attention",
+        Call(dtype, head_dim=D, cache="paged", q_len=SERVE_PREFILL_CHUNK, group=group, page_size=SERVE_PAGE_SIZE), attn)
     add("serve", "attention (paged cache)", "cached_attention",
         Call(dtype, head_dim=D, cache="paged", q_len=1, group=group, page_size=SERVE_PAGE_SIZE), attn)
     return out

@@ -85,6 +85,9 @@ class ProgramReport:
     opaque_custom_calls: tuple[str, ...]  # kernels whose FLOPs the HLO does not show
     compile_seconds: float
     model_flops: float  # the model's FLOPs for this step on one device (model_step_flops / devices)
+    # the kernel table's reasons for each kernel compiled in another's place (e.g. cuDNN, which
+    # compiles only with the GPU present): the figures are those of the stand-in
+    substitutions: tuple[str, ...] = ()
 
     @property
     def compute_flops(self) -> float:
@@ -232,7 +235,7 @@ def model_step_flops(cfg: Config, tokens: int, *, train: bool, context: int = 0)
     return tokens * (2 * _matmul_params(cfg) + 4 * m.num_layers * m.num_heads * m.head_dim * context)
 
 
-def _report(name: str, lowered: jax.stages.Lowered, model_flops: float) -> ProgramReport:
+def _report(name: str, lowered: jax.stages.Lowered, model_flops: float, substitutions=()) -> ProgramReport:
     start = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
@@ -242,7 +245,7 @@ def _report(name: str, lowered: jax.stages.Lowered, model_flops: float) -> Progr
     return ProgramReport(
         name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
         int(mem.temp_size_in_bytes), c.flops, c.bytes_accessed, tuple(collectives(text)), c.opaque_custom_calls,
-        seconds, model_flops,
+        seconds, model_flops, tuple(substitutions),
     )
 
 
@@ -288,7 +291,11 @@ def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, link: flo
     row = logical_sharding(mesh, ("batch", "seq"))
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=row) for k in ("inputs", "targets", "positions")}
     model_flops = model_step_flops(cfg, B * T, train=True) / mesh.size
-    program = _report("train_step", trainer.lower_step(state, batch, abstract_base(trainer)), model_flops)
+    from pallas_kernels.dispatch import substitutions
+
+    with substitutions() as swapped:
+        lowered = trainer.lower_step(state, batch, abstract_base(trainer))
+    program = _report("train_step", lowered, model_flops, swapped)
     return TrainPlan(
         program, B * T,
         _roofline(program, peak, bandwidth, link), model_flops_per_token(cfg.model, T),
@@ -328,9 +335,12 @@ def plan_decode(
     host = (np.zeros((rows, 1), np.int32), np.zeros((rows, 1), np.int32), np.zeros((rows, pages_per_seq), np.int32),
             np.zeros((rows,), np.int32), np.zeros((rows, 1), np.int32), *sampling.arrays())
     args = tuple(like(a) for a in host)
-    with jax.set_mesh(mesh):
+    from pallas_kernels.dispatch import substitutions
+
+    with jax.set_mesh(mesh), substitutions() as swapped:
         lowered = _forward_and_sample.trace(graphdef, False, params, pool, pool, *args).lower()
-    program = _report("decode_step", lowered, model_step_flops(cfg, rows, train=False, context=context) / mesh.size)
+    program = _report("decode_step", lowered, model_step_flops(cfg, rows, train=False, context=context) / mesh.size,
+                      swapped)
     pool_bytes = 2 * device_bytes(pool)
     kv_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype.itemsize
     kv_token_device = pool_bytes / (num_pages * page_size)
@@ -474,6 +484,8 @@ def format_plan(plan: Plan) -> str:
     if programs:
         out.append("kernels: " + (f"custom calls {', '.join(calls)} (FLOPs inside them not counted)" if calls else
                                   "attention and projections compiled as XLA ops (no Pallas or cuDNN custom calls)"))
+        for reason in dict.fromkeys(r for p in programs for r in p.substitutions):
+            out.append(f"  compiled in another kernel's place (the figures are the stand-in's): {reason}")
     out.append(
         "estimate ignores: communication overlap (column above), kernel launch and pipeline-bubble overhead, "
         "elementwise FLOPs and caches"

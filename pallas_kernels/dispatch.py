@@ -38,8 +38,11 @@ CPU machine selects the kernels that GPU would run).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -86,12 +89,31 @@ def _announce(message: str) -> None:
     warnings.warn(message, stacklevel=4)
 
 
+_RECORDERS: contextvars.ContextVar[tuple[list[str], ...]] = contextvars.ContextVar("kernel_substitutions", default=())
+
+
+@contextlib.contextmanager
+def substitutions() -> Iterator[list[str]]:
+    """Collect the reason of every substitution selected while tracing inside the block (each
+    reason once), e.g. for ``jaxlm plan`` to report which kernels it compiled in another's place."""
+    found: list[str] = []
+    token = _RECORDERS.set(_RECORDERS.get() + (found,))
+    try:
+        yield found
+    finally:
+        _RECORDERS.reset(token)
+
+
 def select(op: str, call: Call, impl: str) -> Selection:
-    """:func:`pallas_kernels.table.select` on this machine; a substitution is warned once."""
+    """:func:`pallas_kernels.table.select` on this machine; a substitution is warned once (and
+    recorded by every active :func:`substitutions`)."""
     platform, capability = device_info()
     chosen = table.select(op, call, impl=impl, platform=platform, capability=capability, deviceless=_deviceless())
     if chosen.substituted:
         _announce(chosen.reason)
+        for found in _RECORDERS.get():
+            if chosen.reason not in found:
+                found.append(chosen.reason)
     return chosen
 
 

@@ -32,8 +32,8 @@ swiglu             swiglu_triton (pallas) -- as matmul_triton
 under ``auto`` and a one-line ConfigError for ``pallas``/``cudnn``.
 
 Why this order (measured on one H200, jax 0.11.2, ``benchmarks/gpu_acceptance.py``, table in
-``benchmarks/RESULTS.md``): cuDNN's attention ran 290-540 TFLOP/s forward+backward where
-flash_mosaic ran 110-120 and flash_triton 77-96 (bf16, GQA 4, 2k and 8k tokens), and 185-235
+``benchmarks/RESULTS.md``): cuDNN's attention ran 288-542 TFLOP/s forward+backward where
+flash_mosaic ran 110-119 and flash_triton 77-96 (bf16, GQA 4, 2k and 8k tokens), and 185-235
 with segment ids against flash_triton's 88-102; XLA's GEMMs (cuBLAS) ran 597-804 TFLOP/s where
 matmul_triton ran 591-706 and matmul_mosaic 532-664. A 1B model's training step took 238 ms
 with cuDNN attention and XLA GEMMs, 282 ms with flash_mosaic and XLA GEMMs, 377 ms with every

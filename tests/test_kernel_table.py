@@ -166,6 +166,7 @@ def test_cli_prints_each_call_with_kernel_and_reason():
     assert "flash_mosaic" in rows[("prefill", "attention")] and "block_q=2x64" in rows[("prefill", "attention")]
     assert "decode_triton" in rows[("decode", "attention")] and "block_k=64" in rows[("decode", "attention")]
     assert "decode_triton" in rows[("serve", "attention")] and "paged cache (page 16)" in rows[("serve", "attention")]
+    assert "flash_mosaic" in rows[("serve", "prefill")] and "64 new token(s)" in rows[("serve", "prefill")]
     assert all(k in r.stdout for k in ("q projection", "k/v projection", "o projection", "gate/up (SwiGLU)", "down projection"))
     a100 = _jaxlm("kernels", "configs/tiny.yaml", "--target", "a100")
     assert a100.returncode == 0 and "flash_mosaic" not in a100.stdout and "sm_80" in a100.stdout
@@ -184,3 +185,15 @@ def test_model_kernel_calls_follow_the_config():
     assert {c.selection.kernel for c in calls if "projection" in c.call} <= {"matmul_triton", "matmul_mosaic"}
     assert [c.phase for c in calls].count("decode") == 6  # attention + five projections
     assert {c.selection.kernel for c in model_kernel_calls(cfg, "cpu") if "projection" in c.call} == {"matmul_triton"}
+
+
+def test_overrides_after_a_flag_are_overrides_and_unknown_flags_one_line(capsys):
+    from jaxlm.cli import main
+
+    config = os.path.join(REPO, "configs", "tiny.yaml")
+    assert main(["kernels", config, "--target", "h100", "model.compute_dtype=float32"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("kernels on h100") and "compute_dtype=float32" in first
+    assert main(["kernels", config, "--target", "h100", "--bogus", "model.compute_dtype=float32"]) == 2
+    assert capsys.readouterr().err.strip() == ("jaxlm: error: unrecognized arguments: --bogus "
+                                               "model.compute_dtype=float32; see `jaxlm --help`")

@@ -217,6 +217,20 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_legacy_layout(client, l
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
     assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset  # counting on across the chunks, as in the whole answer
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"prompt": "hi", "temperature": NaN}', "NaN is not a number JSON allows"),
+    (b'{"prompt": "hi", "top_p": -Infinity}', "-Infinity is not a number JSON allows"),
+    (b'{"prompt": [' + b"9" * 5000 + b"]}", "more than 4300 digits"),
+])
+def test_body_errors_say_what_is_wrong(body, message):
+    from jaxlm.serve.protocol import BadRequest, parse_body
+
+    with pytest.raises(BadRequest, match=message):
+        parse_body(body)
 
 
 def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(client):

@@ -203,6 +203,10 @@ def test_replicated_optimizer_does_not_fit_and_says_by_how_much(replicated_plan)
     assert not train["fits"] and train["headroom_bytes"] == -over
     assert over > 12 * total - plan["budget_bytes"]  # at least the state alone is over
     assert f"does NOT fit: {over / GIB:.2f} GiB over the budget" in printed
+    # bf16 at head_dim 128: the GPU would run cuDNN, which a CPU cannot compile; the plan says what stood in
+    assert any("cudnn, which the GPU runs for this call, compiles only with the GPU present" in r
+               for r in train["program"]["substitutions"])
+    assert "compiled in another kernel's place (the figures are the stand-in's): attention: flash_triton" in printed
     assert plan["decode"] is None
     assert "absl::InitializeLog" not in stderr and "cudart_stub" not in stderr  # the plugin's load banner is dropped
 

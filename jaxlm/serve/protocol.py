@@ -59,6 +59,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         data = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except BadRequest:  # NaN/Infinity (_reject_constant): a ValueError too, with its own message
+        raise
     except ValueError:  # Python's int() limit (sys.get_int_max_str_digits, 4300 digits by default)
         raise BadRequest(f"the body holds a number with more than {sys.get_int_max_str_digits()} digits") from None
     except RecursionError:

@@ -73,6 +73,7 @@ class Choices:
         self.head = {"id": request_id, "created": int(time.time()), "model": model_name}
         self.echo = [self._text_of(p) for p in prompts] if not chat and body.echo else None
         self.prompts = prompts
+        self.text_offsets = [0] * len(requests)  # characters of each choice's logprobs tokens streamed so far
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def _text_of(self, prompt) -> str:
@@ -157,7 +158,10 @@ class Choices:
         if not self.started[i] and self.echo is not None:
             text = self.echo[i // self.n] + text
         prompt_logprobs = event.prompt_logprobs if not self.started[i] else None
-        logprobs = self._logprobs(*self._with_prompt(i, event.new_token_ids, event.logprobs, prompt_logprobs))
+        logprobs = self._logprobs(*self._with_prompt(i, event.new_token_ids, event.logprobs, prompt_logprobs),
+                                  offset=self.text_offsets[i])
+        if logprobs is not None and not self.chat and logprobs["tokens"]:
+            self.text_offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         if not (text or reason or logprobs):
             return None
         if self.chat:
