@@ -57,6 +57,16 @@ MATMUL_IMPLS = ("xla", "pallas")
 _GPU_PLATFORMS = ("gpu", "cuda")
 
 
+def _compile_only_gpu():
+    """The abstract GPU of the current mesh when kernels are compiled for a GPU that is not here
+    (a compile-only mesh on a CPU machine), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if kind is not None and kind.platform in _GPU_PLATFORMS and jax.devices()[0].platform not in _GPU_PLATFORMS:
+        return kind
+    return None
+
+
 def device_info() -> tuple[str, str | None]:
     """``(platform, compute_capability)`` of the device kernels run on, e.g. ``("gpu", "9.0")``.
 
@@ -64,24 +74,20 @@ def device_info() -> tuple[str, str | None]:
     machine, :func:`sharding.mesh.make_compile_only_mesh`) it is the mesh's GPU, its compute
     capability looked up by device kind in :data:`sharding.targets.TARGETS`.
     """
-    device = jax.devices()[0]
-    mesh = jax.sharding.get_abstract_mesh()
-    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    if kind is not None and kind.platform in _GPU_PLATFORMS and device.platform not in _GPU_PLATFORMS:
+    kind = _compile_only_gpu()
+    if kind is not None:
         from sharding.targets import target_for_device_kind
 
         target = target_for_device_kind(kind.device_kind)
         return "gpu", None if target is None else target.compute_capability
+    device = jax.devices()[0]
     platform = "gpu" if device.platform in _GPU_PLATFORMS else device.platform
     return platform, getattr(device, "compute_capability", None)
 
 
 def _deviceless() -> bool:
     """Whether kernels are being compiled for a GPU that is not here (a compile-only mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    kind = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return (kind is not None and kind.platform in _GPU_PLATFORMS
-            and jax.devices()[0].platform not in _GPU_PLATFORMS)
+    return _compile_only_gpu() is not None
 
 
 @functools.cache

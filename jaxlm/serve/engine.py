@@ -508,8 +508,7 @@ class Engine:
         if seq.first_token_s is None:
             seq.first_token_s = now - seq.arrival
             self.metrics.record_first_token(seq.first_token_s)
-            if seq.prompt_logprobs is not None:
-                prompt_lps = [None, *seq.prompt_logprobs]
+            prompt_lps = seq.scored_prompt()
         else:
             self.metrics.record_inter_token(now - seq.last_token_s)
         seq.last_token_s = now

@@ -69,6 +69,10 @@ class RequestState:
         """Whether prompt tokens are still to be scored (the request asked for ``prompt_logprobs``)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
+    def scored_prompt(self) -> list[TokenLogprobs | None] | None:
+        """The prompt log-probabilities as handed out (None first: nothing predicts the first token)."""
+        return None if self.prompt_logprobs is None else [None, *self.prompt_logprobs]
+
     def score(self, start: int, logprob_T, top_ids_TxK, top_lp_TxK) -> None:
         """Keep the prompt log-probabilities of one call that fed tokens from ``start`` (its row's
         ``[T]`` log-probabilities of the next token and ``[T, K]`` top alternatives); position ``t``
@@ -114,6 +118,5 @@ class RequestState:
     def output(self, reason: str) -> Output:
         """The finished request's :class:`~jaxlm.serve.request.Output`."""
         text = self.detok.text[: self.text_end] if self.detok is not None else None
-        prompt_logprobs = None if self.prompt_logprobs is None else [None, *self.prompt_logprobs]
         return Output(self.request_id, self.prompt_ids, self.generated, text, reason, self.preemptions,
-                      self.first_token_s, self.logprobs, self.prompt_cached or 0, prompt_logprobs)
+                      self.first_token_s, self.logprobs, self.prompt_cached or 0, self.scored_prompt())
