@@ -1,13 +1,25 @@
 """Test setup: 8 simulated CPU devices, strict numerics rails, and shared tiny configs."""
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import pathlib
 
+# Compile settings for this suite only. It compiles hundreds of tiny programs and runs each a few
+# times, so XLA's CPU compiler, not the programs, takes most of its time. LLVM without its
+# optimisation passes (and, on jaxlib 0.10, XLA's older CPU emitters instead of the fusion emitters,
+# a flag later jaxlibs no longer have) cuts a tiny train step's compile by a quarter (jaxlib 0.11+)
+# to a half (0.10): the same HLO, only less optimised machine code. The kernel resource tests'
+# GPU compiles drop them (gpu_env()), so registers and spills are what users' compiles give; the
+# planner's figures come from the HLO and do not depend on them.
+FAST_COMPILE_FLAGS = ["--xla_backend_optimization_level=0"]
+if tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+    FAST_COMPILE_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
-) + " --xla_force_host_platform_device_count=8"
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
+     and f.split("=")[0] not in {g.split("=")[0] for g in FAST_COMPILE_FLAGS}]
+    + FAST_COMPILE_FLAGS + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's persistent compilation cache, shared by the test workers and every subprocess they start
 # (inherited through the environment): most tests compile the same few tiny programs, and a hit
@@ -72,6 +84,21 @@ def abstract_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)):
         yield
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a CPU subprocess with ``devices`` simulated devices and this suite's
+    compile settings."""
+    return " ".join([*FAST_COMPILE_FLAGS, f"--xla_force_host_platform_device_count={devices}"])
+
+
+def gpu_env() -> dict[str, str]:
+    """``sharding.targets.gpu_compile_env()`` without this suite's compile settings: a process that
+    compiles for GPUs compiles as a user's would."""
+    from sharding import targets
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in FAST_COMPILE_FLAGS]
+    return targets.gpu_compile_env(dict(os.environ, XLA_FLAGS=" ".join(flags)))
 
 
 @pytest.fixture(scope="session")

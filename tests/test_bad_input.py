@@ -21,7 +21,7 @@ from jaxlm.interop.hf import to_hf
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.prepare import prepare_chat, prepare_data
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, xla_flags
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
@@ -449,7 +449,7 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     common = ["train", TINY, "train.warmup_steps=1", "train.progress=false", "train.eval_batches=1",
               "train.eval_every=100", f"checkpoint.dir={run}", "checkpoint.save_every=2", "mesh.fsdp=1",
               "mesh.data=1"]
-    env_1 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env_1 = {"XLA_FLAGS": xla_flags(1)}
     first = _jaxlm(*common, "train.steps=2", env=dict(os.environ, PYTHONPATH=REPO, **env_1))
     assert first.returncode == 0, first.stderr
     before = _fingerprint(run)

@@ -179,6 +179,7 @@ class _Live:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
+        self.ended = False  # the end of its stdout has been read
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -187,25 +188,32 @@ class _Live:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
-    def wait_for_step(self, at_least: int, timeout: float = 180) -> int:
+    def wait_for_step(self, at_least: int, timeout: float = 180, *, fail: bool = True) -> int | None:
+        """Read lines until step ``at_least`` is logged; after ``timeout`` seconds fail, or with
+        ``fail=False`` return None (the run still going)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                line = self._q.get(timeout=1)
+                line = self._q.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
             except queue.Empty:
                 continue
             if line is None:
+                self.ended = True
                 raise AssertionError("run ended early:\n" + "\n".join(self.lines))
             self.lines.append(line)
             m = STEP_LINE.match(line)
             if m and int(m.group(1)) >= at_least:
                 return int(m.group(1))
+        if not fail:
+            return None
         raise AssertionError(f"no step {at_least} within {timeout}s:\n" + "\n".join(self.lines))
 
     def finish(self, timeout: float = 180) -> int:
         rc = self.proc.wait(timeout=timeout)
-        while (line := self._q.get(timeout=10)) is not None:
-            self.lines.append(line)
+        while not self.ended:
+            line = self._q.get(timeout=10)
+            self.ended = line is None
+            self.lines += [line] if line is not None else []
         return rc
 
 
@@ -385,8 +393,8 @@ def test_metrics_log_after_ten_random_kills_equals_the_uninterrupted_one(referen
     for kill in range(10):
         live = _Live(*args)
         try:
-            if kill % 3 == 0:
-                time.sleep(rng.uniform(0.5, 8.0))  # start-up, compilation or the first steps
+            if kill % 3 == 0:  # start-up, compilation or the first steps; step 19 at the latest
+                live.wait_for_step(19, timeout=rng.uniform(0.5, 8.0), fail=False)
             else:
                 live.wait_for_step(rng.randint(1, 19))
                 time.sleep(rng.uniform(0.0, 0.3))

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
+from tests.conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_acceptance.py")
 
@@ -28,7 +30,7 @@ def _load_script():
 
 
 def _run(*args, timeout=900):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -15,7 +15,7 @@ import pytest
 
 from pallas_kernels import resources, table
 from sharding import targets
-from tests.conftest import REPO
+from tests.conftest import REPO, gpu_env
 
 # the three configurations that pass interpret mode and cross-lowering, and what the compiler says
 KNOWN_BAD = {
@@ -36,7 +36,7 @@ def _measure(target: str, tmp_path) -> list[resources.KernelResource]:
     out = tmp_path / f"{target}.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pallas_kernels.resources", "--target", target, "--json", str(out)],
-        cwd=REPO, env=targets.gpu_compile_env(), capture_output=True, text=True, timeout=1500,
+        cwd=REPO, env=gpu_env(), capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [resources.KernelResource(**row) for row in json.loads(out.read_text())]

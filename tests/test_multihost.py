@@ -24,7 +24,7 @@ from jaxlm.config import ConfigError
 from sharding.distributed import LOST_PEER_EXIT_CODE, DistributedSettings, jax_initialize_kwargs, settings_from_env
 from sharding.mesh import make_mesh, split_across_processes
 
-from conftest import REPO, XLA_CACHE, tiny_config
+from conftest import REPO, XLA_CACHE, tiny_config, xla_flags
 
 PREAMBLE = """
 import jax
@@ -48,7 +48,7 @@ def process_env(i: int, n: int, port: int, local_devices: int, extra: dict[str, 
     env.update(
         PYTHONPATH=REPO,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+        XLA_FLAGS=xla_flags(local_devices),
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         JAX_NUM_PROCESSES=str(n),
         JAX_PROCESS_ID=str(i),
