@@ -15,10 +15,17 @@ import pathlib
 # tests' GPU compiles drop these settings (gpu_env()), so registers and spills are what users'
 # compiles give; the planner's figures come from the HLO and do not depend on them.
 FAST_COMPILE_FLAGS = ["--xla_backend_optimization_level=0"]
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a CPU subprocess with ``devices`` simulated devices and this suite's
+    compile settings."""
+    return " ".join([*FAST_COMPILE_FLAGS, f"--xla_force_host_platform_device_count={devices}"])
+
+
+_OURS = {f.split("=")[0] for f in xla_flags(8).split()}  # the caller's own values of these give way
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
-     and f.split("=")[0] not in {g.split("=")[0] for g in FAST_COMPILE_FLAGS}]
-    + FAST_COMPILE_FLAGS + ["--xla_force_host_platform_device_count=8"])
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in _OURS] + [xla_flags(8)])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's persistent compilation cache, shared by the test workers and every subprocess they start
 # (inherited through the environment): most tests compile the same few tiny programs, and a hit
@@ -83,12 +90,6 @@ def abstract_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)):
         yield
-
-
-def xla_flags(devices: int) -> str:
-    """``XLA_FLAGS`` for a CPU subprocess with ``devices`` simulated devices and this suite's
-    compile settings."""
-    return " ".join([*FAST_COMPILE_FLAGS, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def gpu_env() -> dict[str, str]:

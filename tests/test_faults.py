@@ -212,8 +212,10 @@ class _Live:
         rc = self.proc.wait(timeout=timeout)
         while not self.ended:
             line = self._q.get(timeout=10)
-            self.ended = line is None
-            self.lines += [line] if line is not None else []
+            if line is None:
+                self.ended = True
+            else:
+                self.lines.append(line)
         return rc
 
 
