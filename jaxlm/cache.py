@@ -35,9 +35,9 @@ class KVCache:
     def max_len(self) -> int:
         return self.k_LxBxSxKxD.shape[2]
 
-    def layer_stack(self) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-        """((k, v) stacked over layers, per-call extras every layer reads: none here)."""
-        return (self.k_LxBxSxKxD, self.v_LxBxSxKxD), ()
+    def layer_stack(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) stacked over layers: the model's layer loop takes and returns one layer of each."""
+        return self.k_LxBxSxKxD, self.v_LxBxSxKxD
 
     def with_layers(self, kv: tuple[jax.Array, jax.Array]) -> KVCache:
         return KVCache(*kv)
@@ -79,12 +79,29 @@ class PagedKVCache:
     def max_len(self) -> int:
         return self.page_table_BxP.shape[1] * self.page_size
 
-    def layer_stack(self) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array]]:
-        """((k, v) pools stacked over layers, (page table,) shared by every layer)."""
-        return (self.k_LxNxPxKxD, self.v_LxNxPxKxD), (self.page_table_BxP,)
+    @property
+    def num_pages(self) -> int:
+        return self.k_LxNxPxKxD.shape[1]
 
-    def with_layers(self, kv: tuple[jax.Array, jax.Array]) -> PagedKVCache:
-        return PagedKVCache(*kv, self.page_table_BxP)
+    def flat_pools(self) -> tuple[jax.Array, jax.Array]:
+        """The k and v pools as one pool of every layer's pages ``[layers * num_pages, page_size, K, D]``
+        (a free reshape): page ``n`` of layer ``i`` is page ``i * num_pages + n``.
+
+        The model carries these through its layer loop whole and each layer reads and writes its
+        pages in place through :meth:`layer_table`. Slicing a layer's pool out and stacking the
+        layers back (a scan's inputs and outputs) would copy the whole pool on every call, a cost
+        that grows with the pool rather than with the tokens the call touches.
+        """
+        return tuple(p.reshape(-1, *p.shape[2:]) for p in (self.k_LxNxPxKxD, self.v_LxNxPxKxD))
+
+    def layer_table(self, layer: jax.Array | int) -> jax.Array:
+        """Layer ``layer``'s page table into :meth:`flat_pools` ``[batch, pages_per_seq]`` int32."""
+        return self.page_table_BxP + layer * self.num_pages
+
+    def with_flat_pools(self, k_flat: jax.Array, v_flat: jax.Array) -> PagedKVCache:
+        """This cache with its pools replaced by flat pools as :meth:`flat_pools` returns them."""
+        shape = self.k_LxNxPxKxD.shape
+        return PagedKVCache(k_flat.reshape(shape), v_flat.reshape(shape), self.page_table_BxP)
 
 
 def init_paged_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,8 @@ times it runs per step (``known_trip_count`` of the loops around it):
 What is not counted, and said so in :class:`Cost`: elementwise FLOPs (small next to the
 matmuls), FLOPs inside opaque custom calls (Pallas/Triton and cuDNN kernels; listed by name), and
 cache effects (the byte estimate assumes every kernel reads its operands once from HBM; a fused
-slice of a stacked tensor counts only the slice).
+slice of a stacked tensor counts only the slice, and a kernel handed a stacked buffer that a loop
+carries and updates in place, as the layer loop's KV pools, counts one iteration's share of it).
 """
 
 from __future__ import annotations
@@ -154,11 +155,14 @@ def _called(instr: Instruction) -> Iterator[tuple[str, str]]:
             yield "branch", name
 
 
-def run_counts(computations: dict[str, list[Instruction]], entry: str) -> tuple[dict[str, int], set[str], int]:
-    """``(runs per step of each computation, the computations that are fusion bodies, loops of unknown trip count)``."""
+def run_counts(computations: dict[str, list[Instruction]], entry: str,
+               trips: dict[str, int] | None = None) -> tuple[dict[str, int], set[str], int]:
+    """``(runs per step of each computation, the computations that are fusion bodies, loops of unknown trip count)``;
+    ``trips``, when given, receives each loop body's own trip count."""
     counts: dict[str, int] = {}
     fused: set[str] = set()
     unknown = 0
+    trips = {} if trips is None else trips
     stack = [(entry, 1)]
     while stack:
         name, times = stack.pop()
@@ -174,6 +178,8 @@ def run_counts(computations: dict[str, list[Instruction]], entry: str) -> tuple[
                     continue
                 if instr.opcode == "fusion":
                     fused.add(callee)
+                if role == "body":
+                    trips[callee] = trip
                 stack.append((callee, times * (trip if role == "body" else 1)))
     return counts, fused, unknown
 
@@ -257,10 +263,44 @@ def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str
     return total + shape_bytes(instr.shape)
 
 
+def _carried_and_updated(name: str, table: dict[str, Instruction], computations: dict[str, list[Instruction]]) -> bool:
+    """Whether value ``name`` of a loop body is a buffer the loop carries (its parameter's element)
+    that this iteration updated in place (a fusion rooted at a dynamic-update-slice or scatter):
+    a stacked buffer of which each iteration touches its own part, as a layer loop's KV pools."""
+    seen, updated = set(), False
+    while name in table and name not in seen:
+        seen.add(name)
+        instr = table[name]
+        if instr.opcode == "get-tuple-element":
+            source = table.get(instr.operands[0]) if instr.operands else None
+            return updated and source is not None and source.opcode == "parameter"
+        if instr.opcode == "bitcast":
+            name = instr.operands[0]
+            continue
+        if instr.opcode == "fusion":
+            body = computations.get(dict(_called(instr)).get("calls", ""), [])
+            by_name = {i.name: i for i in body}
+            root = next((i for i in body if i.is_root), None)
+            while root is not None and root.opcode == "bitcast" and root.operands[0] in by_name:
+                root = by_name[root.operands[0]]
+            if root is None or root.opcode not in _IN_PLACE:
+                return False
+            target = by_name.get(root.operands[0])
+            while target is not None and target.opcode == "bitcast":
+                target = by_name.get(target.operands[0])
+            if target is None or target.opcode != "parameter":
+                return False
+            name, updated = instr.operands[int(target.args.strip("()"))], True
+            continue
+        return False
+    return False
+
+
 def cost(text: str) -> Cost:
     """Matmul FLOPs and estimated device-memory bytes per step on one device (see :class:`Cost`)."""
     computations, entry = parse_module(text)
-    counts, fused, unknown = run_counts(computations, entry)
+    trips: dict[str, int] = {}
+    counts, fused, unknown = run_counts(computations, entry, trips)
     flops = traffic = 0.0
     opaque: set[str] = set()
     for comp, instrs in computations.items():
@@ -287,6 +327,13 @@ def cost(text: str) -> Cost:
                 callee = dict(_called(instr)).get("calls")
                 traffic += times * _fusion_traffic(instr, computations.get(callee, []), table)
             else:
-                inputs = sum(shape_bytes(table[o].shape) for o in instr.operands if o in table)
+                inputs = 0.0
+                for o in instr.operands:
+                    if o not in table:
+                        continue
+                    size = shape_bytes(table[o].shape)
+                    if instr.opcode == "custom-call" and trips.get(comp, 1) > 1 and _carried_and_updated(o, table, computations):
+                        size /= trips[comp]  # a kernel handed a stacked buffer the loop carries reads its share per trip
+                    inputs += size
                 traffic += times * (inputs + shape_bytes(instr.shape))
     return Cost(flops, traffic, tuple(sorted(opaque)), unknown)

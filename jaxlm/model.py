@@ -233,30 +233,41 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        kv_stack, kv_extra = (None, ()) if cache is None else cache.layer_stack()
+        # What rides the layer loop besides x: a contiguous cache's layers are sliced out (scan inputs)
+        # and stacked back (outputs); a paged cache's pools are carried whole and written in place
+        # (PagedKVCache.flat_pools says why), each layer finding its pages by its index.
+        paged = isinstance(cache, PagedKVCache)
+        carried = cache.flat_pools() if paged else None
+        per_layer = (jnp.arange(cfg.num_layers, dtype=jnp.int32) if paged
+                     else None if cache is None else cache.layer_stack())
 
-        def with_extra(kv):  # a layer's (k, v) plus what every layer shares (a paged cache's table)
-            return None if kv is None else (*kv, *kv_extra)
+        def layer_step(x, carried, params, per_layer):
+            kv = (*carried, cache.layer_table(per_layer)) if paged else per_layer
+            x, kv = layer(x, params, aux, kv)
+            return (x, kv, None) if paged else (x, carried, kv)
 
         if cache is None and num_stages(jax.sharding.get_abstract_mesh()) > 1:
             x = pipeline_layers(
                 lambda x, p, a: layer(x, p, a, None)[0], x, stacked, aux, microbatches=cfg.pipeline_microbatches
             )
         elif cfg.scan_layers:
-            x, kv_stack = jax.lax.scan(
-                lambda x, pkv: layer(x, pkv[0], aux, with_extra(pkv[1])), x, (stacked, kv_stack)
-            )
+            def body(carry, xs):
+                x, carried, out = layer_step(*carry, *xs)
+                return (x, carried), out
+
+            (x, carried), per_layer = jax.lax.scan(body, (x, carried), (stacked, per_layer))
         else:
             outs = []
             for i in range(cfg.num_layers):
-                params_i, kv_i = jax.tree.map(lambda a: a[i], (stacked, kv_stack))
-                x, kv_i = layer(x, params_i, aux, with_extra(kv_i))
+                params_i, per_i = jax.tree.map(lambda a: a[i], (stacked, per_layer))
+                x, carried, kv_i = layer_step(x, carried, params_i, per_i)
                 outs.append(kv_i)
-            kv_stack = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            per_layer = None if paged or cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        new_cache = None if cache is None else cache.with_layers(kv_stack)
+        new_cache = (cache.with_flat_pools(*carried) if paged else None if cache is None
+                     else cache.with_layers(per_layer))
         return logits, new_cache

@@ -129,6 +129,28 @@ def test_paged_cache_equals_contiguous(model, impl):
     np.testing.assert_array_equal(np.asarray(paged.k_LxNxPxKxD)[:, untouched], np.asarray(k)[:, untouched])
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_model_call_on_a_paged_cache_costs_the_same_whatever_the_pool_size(model, scan_layers):
+    """The pools are updated in place: a call's temporary memory does not grow with the pool (a
+    layer loop that sliced each layer's pool out and stacked them back would copy it all)."""
+    cfg = dataclasses.replace(model.cfg, scan_layers=scan_layers)
+    graphdef = nnx.graphdef(build_model(cfg))
+
+    def call(state, k, v, tokens, positions, table):
+        _, cache = nnx.merge(graphdef, state)(tokens, positions, PagedKVCache(k, v, table))
+        return cache.k_LxNxPxKxD, cache.v_LxNxPxKxD
+
+    tokens, positions = jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 20, jnp.int32)
+    table = jnp.asarray([[1, 2], [3, 4]], jnp.int32)
+    temps = {}
+    for pages in (8, 2048):
+        k, v = init_paged_pools(cfg, pages, PAGE)
+        compiled = jax.jit(call, donate_argnums=(1, 2)).lower(nnx.state(model), k, v, tokens, positions, table).compile()
+        temps[pages] = compiled.memory_analysis().temp_size_in_bytes
+    assert k.nbytes > 10 * temps[8]  # so a copy of the pools would show
+    assert temps[2048] == temps[8], temps
+
+
 @pytest.fixture(scope="module")
 def engine(model):
     e = Engine(model, num_pages=64, page_size=PAGE, max_batch=4, max_context=64, prefill_chunk=16, prefill_batch=2)

@@ -324,3 +324,58 @@ ENTRY %main (x: bf16[16,64], ws: bf16[4,64,32]) -> bf16[16,64] {
     slice_fusion = 64 * 32 * 2 + 4 + 64 * 32 * 2  # reads one layer's slice (not the stack) and its index, writes it
     gemm = 16 * 64 * 2 + 64 * 32 * 2 + 16 * 32 * 2
     assert cost.bytes_accessed == 4 * (slice_fusion + gemm)
+
+
+def test_a_kernel_reading_a_pool_the_layer_loop_carries_counts_its_share_per_layer():
+    """The serving engine's layer loop carries the KV pools of every layer whole, writes each
+    layer's new tokens in place (a scatter fusion) and hands the pool to the decode kernel, which
+    reads that layer's pages: the kernel counts one layer's share of the pool per trip; the scatter
+    counts only its update. Bytes by hand."""
+    text = """HloModule m
+
+%fused_scatter (p0: bf16[8,16,64], p1: s32[2,1], p2: bf16[2,16,64]) -> bf16[8,16,64] {
+  %p0 = bf16[8,16,64]{2,1,0} parameter(0)
+  %p1 = s32[2,1]{1,0} parameter(1)
+  %p2 = bf16[2,16,64]{2,1,0} parameter(2)
+  ROOT %s = bf16[8,16,64]{2,1,0} scatter(%p0, %p1, %p2), update_window_dims={1,2}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %c = bf16[] add(%a, %b)
+}
+
+%body (t: (s32[], bf16[8,16,64], s32[2,1], bf16[2,16,64])) -> (s32[], bf16[8,16,64], s32[2,1], bf16[2,16,64]) {
+  %t = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %pool = bf16[8,16,64]{2,1,0} get-tuple-element(%t), index=1
+  %idx = s32[2,1]{1,0} get-tuple-element(%t), index=2
+  %new = bf16[2,16,64]{2,1,0} get-tuple-element(%t), index=3
+  %written = bf16[8,16,64]{2,1,0} fusion(%pool, %idx, %new), kind=kInput, calls=%fused_scatter
+  %flat = bf16[128,64]{1,0} bitcast(%written)
+  %out = bf16[2,64]{1,0} custom-call(%flat, %idx), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %r = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) tuple(%i, %written, %idx, %new)
+}
+
+%cond (t: (s32[], bf16[8,16,64], s32[2,1], bf16[2,16,64])) -> pred[] {
+  %t = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (pool: bf16[8,16,64], idx: s32[2,1], new: bf16[2,16,64]) -> bf16[8,16,64] {
+  %pool = bf16[8,16,64]{2,1,0} parameter(0)
+  %idx = s32[2,1]{1,0} parameter(1)
+  %new = bf16[2,16,64]{2,1,0} parameter(2)
+  %z = s32[] constant(0)
+  %t = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) tuple(%z, %pool, %idx, %new)
+  %loop = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %r = bf16[8,16,64]{2,1,0} get-tuple-element(%loop), index=1
+}
+"""
+    cost = hlo_stats.cost(text)
+    pool, idx, update, out = 8 * 16 * 64 * 2, 2 * 4, 2 * 16 * 64 * 2, 2 * 64 * 2
+    scatter = idx + update + update  # reads the indices and the update, writes the update in place
+    kernel = pool / 4 + idx + out  # one layer's share of the carried pool, the indices, its result
+    assert cost.bytes_accessed == pytest.approx(4 * (scatter + kernel))
+    assert cost.opaque_custom_calls == ("__gpu$xla.gpu.triton",)

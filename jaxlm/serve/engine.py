@@ -73,8 +73,7 @@ def _forward_and_sample(graphdef, score: bool, state, k_pool, v_pool, tokens_BxT
     sampled = sample_rows(last_BxV, keys, *sampling)
     if score:
         sampled = (*sampled, *score_tokens(logits, targets_BxT))
-    k, v = cache.layer_stack()[0]
-    return sampled, constrain(k, PAGED_CACHE_AXES), constrain(v, PAGED_CACHE_AXES)
+    return sampled, constrain(cache.k_LxNxPxKxD, PAGED_CACHE_AXES), constrain(cache.v_LxNxPxKxD, PAGED_CACHE_AXES)
 
 
 def sampling_seed(seed: int) -> int:
