@@ -78,7 +78,7 @@ demo-finetune: $(STAMP)
 
 TEST_WORKERS ?= 2
 test: $(STAMP) $(GPU_STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # `make test-py312-jax0.11`: every test that does not need torch, on that combination, with the CUDA
 # compile toolchain at that jaxlib's version (.ci/run runs the jax 0.11 one after `make test`).
@@ -97,7 +97,7 @@ $(SECONDARY:%=install-%): install-%: .venv-%/.installed
 	touch $@
 
 $(SECONDARY:%=test-%): test-%: .venv-%/.installed
-	.venv-$*/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+	.venv-$*/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

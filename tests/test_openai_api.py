@@ -221,6 +221,25 @@ def test_echo_with_logprobs_scores_the_prompt_in_openais_legacy_layout(client, l
     assert offsets == lp.text_offset  # counting on across the chunks, as in the whole answer
 
 
+def test_max_tokens_0_with_echo_scores_the_prompt_and_generates_nothing(client, log_softmax_rows):
+    """OpenAI's legacy way to score a text (as evaluation harnesses do): echo, logprobs, max_tokens 0."""
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2,
+              extra_body={"return_tokens_as_token_ids": True})
+    out = client.completions.create(**kw)
+    choice, lp = out.choices[0], out.choices[0].logprobs
+    assert _ids(lp.tokens) == PROMPT and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(PROMPT)
+    rows = log_softmax_rows(PROMPT)
+    assert lp.token_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], [rows[j - 1][PROMPT[j]] for j in range(1, len(PROMPT))], atol=5e-4)
+    assert [_ids(t) for t in lp.top_logprobs[1:]] == [list(np.argsort(-rows[j - 1])[:2]) for j in range(1, len(PROMPT))]
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)  # no echo: nothing at all
+    assert plain.choices[0].text == "" and plain.usage.completion_tokens == 0
+
+
 @pytest.mark.parametrize("body, message", [
     (b'{"prompt": "hi", "temperature": NaN}', "NaN is not a number JSON allows"),
     (b'{"prompt": "hi", "top_p": -Infinity}', "-Infinity is not a number JSON allows"),
@@ -343,7 +362,9 @@ FUZZ = [  # (name, method, path, body: bytes | JSON value, status, param)
     ("id past vocab", "POST", "/v1/completions", {"prompt": [1, VOCAB]}, 400, None),
     ("id 2^63", "POST", "/v1/completions", {"prompt": [2**63]}, 400, "prompt"),
     ("prompt over context", "POST", "/v1/completions", {"prompt": [1] * (MAX_CONTEXT + 1)}, 400, None),
-    ("max_tokens 0", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens -1", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("chat max_tokens 0", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens 2^31", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2**31}, 400, "max_tokens"),
     ("max_tokens string", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": "3"}, 400, "max_tokens"),
     ("max_tokens float", "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),

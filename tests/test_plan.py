@@ -67,6 +67,11 @@ print(json.dumps(out))
 """
 
 
+# The tests that read `plans` (a minute of GPU compiles in a subprocess) run in one test worker
+# (`make test` distributes with --dist loadgroup), so the fixture is built once.
+PLANS = pytest.mark.xdist_group("plans")
+
+
 @pytest.fixture(scope="module")
 def plans():
     proc = subprocess.run([sys.executable, "-c", _PLANS], cwd=REPO, env=targets.gpu_compile_env(),
@@ -88,6 +93,7 @@ def replicated_plan(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout, proc.stderr
 
 
+@PLANS
 @pytest.mark.slow
 @pytest.mark.parametrize("name, devices, split", [("8b", 8, 8), ("70b", 64, 64), ("405b", 256, 256)])
 def test_state_bytes_match_a_hand_count(plans, name, devices, split):
@@ -101,12 +107,14 @@ def test_state_bytes_match_a_hand_count(plans, name, devices, split):
     assert plan["opt_state_bytes"] == pytest.approx(2 * params, rel=0.01)
 
 
+@PLANS
 @pytest.mark.slow
 def test_a_config_with_init_from_is_planned_with_the_sources_architecture(plans):
     assert plans["init_from"]["param_bytes"] == plans["source"]["param_bytes"]
     assert plans["init_from"]["param_bytes"] != plans["no_init_from"]["param_bytes"]
 
 
+@PLANS
 @pytest.mark.slow
 def test_lora_state_is_the_frozen_base_plus_adapters_and_its_step_compiles(plans):
     """LoRA r16 on q and v over a bfloat16 base: the parameters one device holds are the base (split
@@ -128,6 +136,7 @@ def test_lora_state_is_the_frozen_base_plus_adapters_and_its_step_compiles(plans
     assert program["argument_bytes"] == pytest.approx(tiny["param_bytes"] + tiny["opt_state_bytes"], rel=0.05)
 
 
+@PLANS
 @pytest.mark.slow
 def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
     plan, train = plans["8b"], plans["8b"]["train"]
@@ -166,6 +175,7 @@ def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
     assert 0 < train["mfu"] < 1
 
 
+@PLANS
 @pytest.mark.slow
 def test_8b_decode_kv_cache_figures(plans):
     decode = plans["8b"]["decode"]

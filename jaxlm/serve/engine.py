@@ -485,7 +485,7 @@ class Engine:
                 self._name_pages(seq, seq.num_cached - n)
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
                     try:
-                        events.append(self._append(seq, row, now))
+                        events.append(self._append(seq, row, now) if seq.request.max_tokens else self._read_only(seq))
                     except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
                         events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         if prefill or decode:
@@ -497,6 +497,13 @@ class Engine:
         """Drop a running request whose output could not be made; its event carries the error."""
         self._release(seq)
         return Event(seq.request_id, [], error=message)
+
+    def _read_only(self, seq: RequestState) -> Event:
+        """Finish a request with ``max_tokens`` 0 once its prompt is read: no token, its prompt's scores."""
+        self._release(seq)
+        self.metrics.record_finished()
+        return Event(seq.request_id, [], seq.output("length"), "", None if seq.logprobs is None else [],
+                     prompt_logprobs=seq.scored_prompt())
 
     def _append(self, seq: RequestState, sampled: list[np.ndarray], now: float) -> Event:
         token, lp = int(sampled[0]), None

@@ -174,6 +174,9 @@ class CompletionRequest(SamplingFields):
              | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool | None = None
+    # 0: generate nothing (with echo and logprobs: the prompt's log-probabilities, as OpenAI's legacy
+    # completions and vLLM score a text)
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # only equal to n: no server-side ranking
     suffix: None = None  # not supported: only null
 

@@ -20,7 +20,8 @@ class Request:
     """One completion request. ``prompt`` is text (needs the engine's tokenizer) or token ids.
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Generation stops after
-    ``max_tokens`` new tokens, at any id of the engine's EOS set (unless ``ignore_eos``) or of
+    ``max_tokens`` new tokens (0: the prompt is read, and scored with ``prompt_logprobs``, and the
+    request finishes with no new token and finish reason ``"length"``), at any id of the engine's EOS set (unless ``ignore_eos``) or of
     ``stop_token_ids`` (kept in ``token_ids``, left out of the text), or once the text contains one
     of ``stop`` (the text is cut before it); not before ``min_tokens`` new tokens (the stop ids are
     masked out until then, as vLLM's ``min_tokens``). ``seed`` fixes the sampling: the
@@ -54,8 +55,8 @@ class Request:
     prompt_logprobs: int | None = None
 
     def validate(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be an integer >= 0 (0: only score the prompt), got {self.max_tokens!r}")
         if not 0 <= self.temperature < math.inf:
             raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:

@@ -36,7 +36,7 @@ def build_requests(engine: Engine, body: CompletionRequest | ChatCompletionReque
         limit = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
-        limit = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        limit = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         logprobs = body.logprobs
     prompt_logprobs = logprobs if not chat and body.echo else None
     stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
