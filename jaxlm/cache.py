@@ -59,13 +59,20 @@ def write(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) 
     return jax.vmap(one)(cache_BxSxKxD, new_BxTxKxD, start_B)
 
 
-PAGED_CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # pages are shared: not split
+# Pages are shared by every sequence (not split by batch), and the model's layer loop carries the
+# pools of all layers whole (PagedKVCache.flat_pools): not split by layer (pipeline stage) either.
+PAGED_CACHE_AXES = (None, None, None, "kv_heads", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    """Page pools ``[L, num_pages, page_size, K, D]`` and the page table ``[batch, pages_per_seq]`` int32."""
+    """Page pools ``[L, num_pages, page_size, K, D]`` and the page table ``[batch, pages_per_seq]`` int32.
+
+    Table entries must be pages in ``[0, num_pages)`` (the engine's allocated pages, or its scratch
+    page 0): a layer reaches its pages at ``layer * num_pages + entry`` of the flattened pools, so an
+    entry out of range would address another layer's page.
+    """
 
     k_LxNxPxKxD: jax.Array
     v_LxNxPxKxD: jax.Array
@@ -114,7 +121,8 @@ def init_paged_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=Non
 def write_paged(pool_NxPxKxD: jax.Array, new_BxTxKxD: jax.Array, positions_BxT: jax.Array, page_table_BxP: jax.Array) -> jax.Array:
     """Write token ``(b, t)`` at position ``positions[b, t]`` through row ``b`` of the page table.
 
-    Positions past the table's capacity go to page 0 (the scratch page).
+    Positions past the table's capacity go to page 0 of ``pool_NxPxKxD`` (the engine's scratch page;
+    with the model's flattened pools, layer 0's scratch page for every layer: never read unmasked).
     """
     page_size = pool_NxPxKxD.shape[1]
     B, T = positions_BxT.shape

@@ -15,8 +15,10 @@ times it runs per step (``known_trip_count`` of the loops around it):
 What is not counted, and said so in :class:`Cost`: elementwise FLOPs (small next to the
 matmuls), FLOPs inside opaque custom calls (Pallas/Triton and cuDNN kernels; listed by name), and
 cache effects (the byte estimate assumes every kernel reads its operands once from HBM; a fused
-slice of a stacked tensor counts only the slice, and a kernel handed a stacked buffer that a loop
-carries and updates in place, as the layer loop's KV pools, counts one iteration's share of it).
+slice of a stacked tensor counts only the slice, and an opaque kernel handed a buffer that a loop
+carries and updates in place in the same iteration, as the layer scan's KV pools, counts one
+iteration's share of it: the buffer is assumed stacked along that loop. Without a loop (layers
+unrolled, ``scan_layers: false``) such a kernel counts the whole pool on every layer).
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ def cost(text: str) -> Cost:
             continue
         table = {i.name: i for i in instrs}
         for instr in instrs:
+            kernel = False  # an opaque kernel (Pallas/Triton, cuDNN): it may read only part of an operand
             if instr.opcode == "dot":
                 flops += times * _dot_flops(instr, table)
             elif instr.opcode == "custom-call":
@@ -318,6 +321,7 @@ def cost(text: str) -> Cost:
                     flops += times * _gemm_flops(instr, table)
                 else:
                     opaque.add(name)
+                    kernel = True
             if comp in fused or instr.opcode in _NO_TRAFFIC:
                 continue
             kind = instr.opcode.removesuffix("-done").removesuffix("-start")
@@ -332,7 +336,7 @@ def cost(text: str) -> Cost:
                     if o not in table:
                         continue
                     size = shape_bytes(table[o].shape)
-                    if instr.opcode == "custom-call" and trips.get(comp, 1) > 1 and _carried_and_updated(o, table, computations):
+                    if kernel and trips.get(comp, 1) > 1 and _carried_and_updated(o, table, computations):
                         size /= trips[comp]  # a kernel handed a stacked buffer the loop carries reads its share per trip
                     inputs += size
                 traffic += times * (inputs + shape_bytes(instr.shape))

@@ -25,7 +25,9 @@ page (``page_size`` must be a power of two >= 16). Table entries past a sequence
 never read, so they may hold anything.
 
 head_dim is padded to a power of two >= 16 like :mod:`pallas_kernels.flash_attention` does;
-for the cache that padding is a copy per call, so models should use power-of-two head dims.
+for the cache that padding is a copy per call, so models should use power-of-two head dims (the
+kernel table gives paged calls of other head dims to XLA: the pool the model's layer loop hands
+over holds every layer's pages, and padding it would copy them all on every layer).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ attention          cudnn (auto, cudnn) -- gpu sm_80+, with the GPU present (a co
                    head_dim <= 128; segment ids
                    xla (auto, xla) -- everything
 cached_attention   decode_triton (auto, pallas) -- as flash_triton; <= 16 new tokens, tokens x group <= 64
-                   rows; contiguous cache, or paged with page_size 16/32/64/128 (float32: 16/32)
+                   rows; contiguous cache, or paged with page_size 16/32/64/128 (float32: 16/32) and
+                   a power-of-two head_dim >= 16
                    then the attention candidates over the (gathered) cache, cudnn excepted (it cannot
                    mask a cache: ``cudnn`` runs the ``pallas`` candidates here, reported)
 projection         matmul_mosaic (pallas) -- gpu sm_90; bf16/fp16; M, N multiples of 64, K of 64
@@ -279,6 +280,10 @@ def _call_reason(op: str, k: Kernel, call: Call) -> str | None:
         if rows > DECODE_MAX_ROWS:
             return f"{call.q_len} tokens x {call.group} heads per kv head = {rows} rows > {DECODE_MAX_ROWS}"
         sizes = PAGE_SIZES[_nbytes(call.dtype)]
+        d = call.head_dim
+        if call.cache == "paged" and d is not None and (d < 16 or d & (d - 1)):
+            # the kernel pads head_dim to a power of two; padding a page pool copies every layer's pages
+            return f"paged cache with head_dim {d}: only powers of two >= 16 (padding would copy the whole pool)"
         if call.cache == "paged" and call.page_size not in sizes:
             return f"page_size {call.page_size} not one of {', '.join(map(str, sizes))} for {jnp.dtype(call.dtype).name}"
     if k.name == "matmul_mosaic" and call.mnk:

@@ -103,10 +103,12 @@ def test_allocator_never_hands_out_a_page_twice():
             alloc.free(bad)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_paged_cache_equals_contiguous(model, impl):
+@pytest.mark.parametrize("impl, layers", [("xla", {}), ("pallas", {}), ("xla", {"scan_layers": False}),
+                                           ("xla", {"remat": "full"})], ids=["xla", "pallas", "unrolled", "remat"])
+def test_paged_cache_equals_contiguous(model, impl, layers):
     cfg = model.cfg
-    paged_model = nnx.merge(nnx.graphdef(build_model(dataclasses.replace(cfg, attention_impl=impl))), nnx.state(model))
+    paged_cfg = dataclasses.replace(cfg, attention_impl=impl, **layers)  # the layer loop the pools ride through
+    paged_model = nnx.merge(nnx.graphdef(build_model(paged_cfg)), nnx.state(model))
     B, T, P = 2, 20, 3
     rng = np.random.default_rng(2)
     table = jnp.asarray(rng.permutation(np.arange(1, 10))[: B * P].reshape(B, P), jnp.int32)
@@ -225,7 +227,7 @@ def test_eos_and_stop_strings_end_a_request(model, engine, prompts, reference):
 def test_bad_requests_are_refused_with_one_line(engine):
     with pytest.raises(RequestError, match="exceeds the context of 64 tokens"):
         engine.check(Request(list(range(60)), max_tokens=8))
-    with pytest.raises(RequestError, match="max_tokens must be a positive integer"):
+    with pytest.raises(RequestError, match="max_tokens must be an integer >= 0"):
         engine.check(Request([1, 2], max_tokens=-1))
     with pytest.raises(RequestError, match="outside the vocabulary"):
         engine.check(Request([1, 99999]))
@@ -323,6 +325,23 @@ def test_prompt_logprobs_equal_a_dense_forward_through_the_prefix_cache_and_pree
     np.testing.assert_allclose([lp.logprob for lp in outs[1].prompt_logprobs[1:]],
                                [lp.logprob for lp in outs[0].prompt_logprobs[1:]], atol=1e-5)
     assert small_engine.allocator.num_used == 0
+
+
+def test_max_tokens_0_reads_the_prompt_generates_nothing_and_frees_its_pages(model, engine, prompts, reference):
+    """Among generating requests: a one-token prompt, a prompt scored (prompt_logprobs), one not."""
+    requests = [Request(prompts[0], max_tokens=0), Request(prompts[3], max_tokens=0, prompt_logprobs=2),
+                Request(prompts[1], max_tokens=4, temperature=0.0), Request(prompts[5], max_tokens=0)]
+    outs = engine.generate(requests)
+    for out in (outs[0], outs[1], outs[3]):
+        assert out.token_ids == [] and out.finish_reason == "length" and out.time_to_first_token_s >= 0
+    assert outs[0].prompt_logprobs is None and outs[3].prompt_logprobs is None
+    rows = _dense_log_softmax(model, prompts[3])
+    got = outs[1].prompt_logprobs
+    assert len(got) == len(prompts[3]) and got[0] is None
+    np.testing.assert_allclose([lp.logprob for lp in got[1:]], rows[np.arange(len(prompts[3]) - 1), prompts[3][1:]],
+                               atol=2e-4)
+    assert outs[2].token_ids == reference[1][:4]
+    assert engine.allocator.num_used == 0
 
 
 def test_prompt_logprobs_are_refused_out_of_range(engine):

@@ -20,7 +20,7 @@ knobs (temperature, top-k/top-p, penalties, ``min_tokens``; :mod:`jaxlm.serve.sa
 also gives each token's log-probabilities), so its output does not depend on what else is in the
 batch, nor on preemption. Each request's state, stop rules and text live in
 :mod:`jaxlm.serve.sequence`. A request whose output cannot be made (an exception in
-:meth:`Engine._append`) fails alone: its event carries the error and its pages are released; so
+:meth:`Engine._append` or :meth:`Engine._read_only`) fails alone: its event carries the error and its pages are released; so
 does one that makes a device call fail (:meth:`Engine._call_isolated`).
 """
 
@@ -485,7 +485,7 @@ class Engine:
                 self._name_pages(seq, seq.num_cached - n)
                 if seq.num_cached == len(seq.tokens):  # it has read everything: its sample is the next token
                     try:
-                        events.append(self._append(seq, row, now) if seq.request.max_tokens else self._read_only(seq))
+                        events.append(self._append(seq, row, now) if seq.request.max_tokens else self._read_only(seq, now))
                     except Exception as e:  # noqa: BLE001 - a failure of one request's output fails only it
                         events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         if prefill or decode:
@@ -498,8 +498,10 @@ class Engine:
         self._release(seq)
         return Event(seq.request_id, [], error=message)
 
-    def _read_only(self, seq: RequestState) -> Event:
-        """Finish a request with ``max_tokens`` 0 once its prompt is read: no token, its prompt's scores."""
+    def _read_only(self, seq: RequestState, now: float) -> Event:
+        """Finish a request with ``max_tokens`` 0 once its prompt is read: no token, its prompt's scores
+        (its ``time_to_first_token_s`` is the time until its prompt was read)."""
+        seq.first_token_s = now - seq.arrival
         self._release(seq)
         self.metrics.record_finished()
         return Event(seq.request_id, [], seq.output("length"), "", None if seq.logprobs is None else [],
