@@ -68,6 +68,19 @@ def test_allocator_refcounts_and_lru_by_hand():
         alloc.register(0, b"x")
 
 
+def test_touch_makes_cached_pages_the_most_recent_head_last():
+    alloc = PageAllocator(8)
+    a, b = alloc.allocate(3), alloc.allocate(2)
+    for page, name in zip(a + b, (b"a0", b"a1", b"a2", b"b0", b"b1")):
+        alloc.register(page, name)
+    alloc.free(a)
+    alloc.free(b)  # LRU, oldest first: a2 a1 a0 b1 b0
+    held = alloc.allocate(1)
+    alloc.touch(a + held)  # a chain asked for again; a page in use is skipped
+    got = alloc.allocate(4)
+    assert got[0] not in a + b + held and got[1:] == [b[1], b[0], a[2]]  # the last empty page, then b, then a's tail
+
+
 def test_allocator_matches_a_shadow_model():
     """Random allocate / share / register / free against a plain-dict model of refcounts and LRU."""
     rng = np.random.default_rng(1)
@@ -210,6 +223,24 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(model, sampled):
     assert on.stats()["prefix_cache_hits_total"] - s_on["prefix_cache_hits_total"] == (len(requests[0].prompt) - 1) // PAGE * PAGE
     (out,), (out_off,) = on.generate(requests[:1]), off.generate(requests[:1])  # what usage reports as cached_tokens
     assert out.cached_tokens == (len(requests[0].prompt) - 1) // PAGE * PAGE and out_off.cached_tokens == 0
+
+
+def test_scoring_a_cached_prompt_keeps_its_pages_cached(model):
+    """A request scoring its prompt computes the prompt's pages again (it needs their logits), but
+    the cached pages it asked for count as used: the next eviction takes other pages."""
+    rng = np.random.default_rng(5)
+    p, q, r = (rng.integers(0, 4096, n).tolist() for n in (48, 48, 112))
+    e = _engine(model, 12)  # 11 pages besides the scratch page
+    e.generate([Request(p, max_tokens=1, temperature=0.0)])  # p's 3 full pages cached
+    e.generate([Request(q, max_tokens=1, temperature=0.0)])  # then q's: more recent than p's
+    (scored,) = e.generate([Request(p, max_tokens=0, prompt_logprobs=1)])
+    assert scored.cached_tokens == 0 and len(scored.prompt_logprobs) == len(p)
+    e.generate([Request(r, max_tokens=1, temperature=0.0)])  # 8 pages: the 5 empty and 3 evicted
+    (again,) = e.generate([Request(p, max_tokens=1, temperature=0.0)])
+    assert again.cached_tokens == 32  # p's pages stayed (its last token is always computed)
+    (other,) = e.generate([Request(q, max_tokens=1, temperature=0.0)])
+    assert other.cached_tokens == 0  # q's were evicted
+    _check(e)
 
 
 def test_preempted_request_refinds_its_own_pages(model):

@@ -85,6 +85,14 @@ class PageAllocator:
         self._hash_of[page], self._page_of[page_hash] = page_hash, page
         return True
 
+    def touch(self, pages: list[int]) -> None:
+        """Mark cached pages as just used (most recent in the LRU, the first page of the list last, as
+        :meth:`free` orders a sequence's pages); pages in use are skipped. For pages whose contents a
+        request asked for but computed again (a request scoring its prompt needs the logits)."""
+        for p in reversed(pages):
+            if p in self._lru:
+                self._lru.move_to_end(p)
+
     def acquire(self, page: int) -> None:
         """Take one more reference to a held or cached page (a prefix-cache hit)."""
         if page in self._refs:

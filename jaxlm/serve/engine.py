@@ -372,8 +372,11 @@ class Engine:
             return
         full = seq.num_cached // self.page_size
         hashes = self._hashes(seq, full)
+        copies = []
         for i in range(before // self.page_size, full):
-            self.allocator.register(seq.pages[i], hashes[i])  # False for a copy of a named page: it stays unnamed
+            if not self.allocator.register(seq.pages[i], hashes[i]):  # a copy of a named page stays unnamed;
+                copies.append(self.allocator.lookup(hashes[i]))       # the named one was asked for: keep it
+        self.allocator.touch([p for p in copies if p is not None])
 
     def _schedule(self) -> tuple[list[RequestState], list[RequestState]]:
         """(sequences to prefill a chunk of, sequences to decode), their pages taken."""
