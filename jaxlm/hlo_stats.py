@@ -232,6 +232,15 @@ def _gemm_flops(instr: Instruction, table: dict[str, Instruction]) -> float:
     return 2.0 * math.prod(_dims(instr.shape)) * k
 
 
+def _root(body: list[Instruction]) -> Instruction | None:
+    """A fusion body's root instruction, looking through bitcasts of it."""
+    by_name = {i.name: i for i in body}
+    root = next((i for i in body if i.is_root), None)
+    while root is not None and root.opcode == "bitcast" and root.operands and root.operands[0] in by_name:
+        root = by_name[root.operands[0]]
+    return root
+
+
 def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str, Instruction]) -> float:
     """Bytes a fusion moves: the slices of operands it only slices, only the update of a buffer it
     updates in place (dynamic-update-slice, scatter), everything else in full."""
@@ -255,9 +264,7 @@ def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str
         elif not (used and all(u.opcode in _IN_PLACE and u.operands[0] == via for u, via in used)):
             total += shape_bytes(table[operand].shape) if operand in table else 0  # (in-place buffers: 0)
     by_name = {i.name: i for i in body}
-    root = next((i for i in body if i.is_root), None)
-    while root is not None and root.opcode == "bitcast" and root.operands and root.operands[0] in by_name:
-        root = by_name[root.operands[0]]
+    root = _root(body)
     if root is not None and root.opcode in _IN_PLACE:
         update = root.operands[1] if root.opcode == "dynamic-update-slice" else root.operands[-1]
         if update in by_name:
@@ -282,9 +289,7 @@ def _carried_and_updated(name: str, table: dict[str, Instruction], computations:
         if instr.opcode == "fusion":
             body = computations.get(dict(_called(instr)).get("calls", ""), [])
             by_name = {i.name: i for i in body}
-            root = next((i for i in body if i.is_root), None)
-            while root is not None and root.opcode == "bitcast" and root.operands[0] in by_name:
-                root = by_name[root.operands[0]]
+            root = _root(body)
             if root is None or root.opcode not in _IN_PLACE:
                 return False
             target = by_name.get(root.operands[0])
