@@ -182,10 +182,17 @@ def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
 
 
 def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:
-    """``data.path`` memory-mapped, else ``data.text_path`` (or the embedded corpus) as one document."""
+    """``data.path`` memory-mapped, else ``data.text_path`` (or the embedded corpus) as one document.
+
+    The embedded corpus under the embedded tokenizer is read from its shipped token ids
+    (``scripts/make_corpus.py`` writes them; a test checks they equal the tokenizer's encoding)
+    instead of tokenized again: that takes most of a second, in every process."""
     if cfg.path:
         return open_prepared(cfg.path, cfg.tokenizer_path)
-    ids = np.asarray(tokenizer.encode(load_text(cfg.text_path)).ids, dtype=np.int32)
+    if not cfg.text_path and tokenizer.to_str() == load_tokenizer().to_str():
+        ids = np.load(_asset("shakespeare.tokens.npy")).astype(np.int32)
+    else:
+        ids = np.asarray(tokenizer.encode(load_text(cfg.text_path)).ids, dtype=np.int32)
     return TokenStream(ids, np.zeros(1, np.int64))
 
 

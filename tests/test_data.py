@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer
 
 import jaxlm
 
@@ -16,7 +17,7 @@ from jaxlm.build import build_model
 from jaxlm.config import ConfigError, DataConfig, MeshConfig
 from jaxlm.errors import DataError
 from jaxlm.data import (
-    EOS_TOKEN, PackedLoader, TokenStream, load_splits, load_text, load_tokenizer, open_prepared, to_global_batch,
+    EOS_TOKEN, PackedLoader, TokenStream, load_splits, load_stream, load_text, load_tokenizer, open_prepared, to_global_batch,
 )
 from jaxlm.prepare import prepare_data
 from jaxlm.train import cross_entropy
@@ -74,6 +75,23 @@ def test_train_and_val_are_disjoint_tail_split(tokenizer):
     np.testing.assert_array_equal(np.concatenate([splits.train.tokens, splits.val.tokens]), ids)
     assert splits.train.tokens.dtype == np.int32
     assert splits.train.num_docs == splits.val.num_docs == 1  # the embedded corpus is one document
+
+
+def test_shipped_corpus_ids_are_the_embedded_tokenizers_encoding_and_other_text_is_encoded(tokenizer, tmp_path):
+    """The embedded corpus is read from its shipped ids: they must be what the tokenizer gives
+    (rebuild them with scripts/make_corpus.py when the corpus or tokenizer changes); any other
+    text or tokenizer is tokenized."""
+    shipped = np.load(os.path.join(REPO, "jaxlm", "assets", "shakespeare.tokens.npy"))
+    np.testing.assert_array_equal(shipped, tokenizer.encode(load_text()).ids)
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 40)
+    got = load_stream(DataConfig(text_path=str(text)), tokenizer).tokens
+    np.testing.assert_array_equal(got, tokenizer.encode(text.read_text()).ids)
+    other = Tokenizer.from_str(tokenizer.to_str())
+    other.add_tokens(["question"])  # not the embedded tokenizer any more: its ids differ
+    got = load_stream(DataConfig(), other).tokens
+    np.testing.assert_array_equal(got, other.encode(load_text()).ids)
+    assert not np.array_equal(got[:len(shipped)], shipped[:len(got)])
 
 
 def test_split_of_many_documents_restarts_the_cut_document():
