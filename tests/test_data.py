@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,12 +13,13 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 import jaxlm
-
+import jaxlm.data as data_module
 from jaxlm.build import build_model
 from jaxlm.config import ConfigError, DataConfig, MeshConfig
 from jaxlm.errors import DataError
 from jaxlm.data import (
-    EOS_TOKEN, PackedLoader, TokenStream, load_splits, load_stream, load_text, load_tokenizer, open_prepared, to_global_batch,
+    EOS_TOKEN, PackedLoader, TokenStream, corpus_key, load_splits, load_stream, load_text, load_tokenizer, open_prepared,
+    to_global_batch,
 )
 from jaxlm.prepare import prepare_data
 from jaxlm.train import cross_entropy
@@ -77,21 +79,29 @@ def test_train_and_val_are_disjoint_tail_split(tokenizer):
     assert splits.train.num_docs == splits.val.num_docs == 1  # the embedded corpus is one document
 
 
-def test_shipped_corpus_ids_are_the_embedded_tokenizers_encoding_and_other_text_is_encoded(tokenizer, tmp_path):
+def test_shipped_corpus_ids_are_the_embedded_tokenizers_encoding_and_other_text_is_encoded(tokenizer, tmp_path, monkeypatch):
     """The embedded corpus is read from its shipped ids: they must be what the tokenizer gives
     (rebuild them with scripts/make_corpus.py when the corpus or tokenizer changes); any other
-    text or tokenizer is tokenized."""
-    shipped = np.load(os.path.join(REPO, "jaxlm", "assets", "shakespeare.tokens.npy"))
-    np.testing.assert_array_equal(shipped, tokenizer.encode(load_text()).ids)
-    text = tmp_path / "t.txt"
-    text.write_text("To be, or not to be: that is the question.\n" * 40)
-    got = load_stream(DataConfig(text_path=str(text)), tokenizer).tokens
-    np.testing.assert_array_equal(got, tokenizer.encode(text.read_text()).ids)
+    or edited text, or another tokenizer, is tokenized."""
+    text = load_text()
+    with np.load(os.path.join(REPO, "jaxlm", "assets", "shakespeare.tokens.npz")) as f:
+        np.testing.assert_array_equal(f["ids"], tokenizer.encode(text).ids)
+        assert str(f["key"]) == corpus_key(text, tokenizer)
+    own = tmp_path / "own.txt"
+    own.write_text("To be, or not to be: that is the question.\n" * 40)
+    edited = tmp_path / "edited.txt"
+    edited.write_text(text + "Exeunt.\n")
     other = Tokenizer.from_str(tokenizer.to_str())
     other.add_tokens(["question"])  # not the embedded tokenizer any more: its ids differ
-    got = load_stream(DataConfig(), other).tokens
-    np.testing.assert_array_equal(got, other.encode(load_text()).ids)
-    assert not np.array_equal(got[:len(shipped)], shipped[:len(got)])
+    for path, tok in ((str(own), tokenizer), (str(edited), tokenizer), ("", other)):
+        got = load_stream(DataConfig(text_path=path), tok).tokens
+        np.testing.assert_array_equal(got, tok.encode(load_text(path)).ids)
+    bad = tmp_path / "shakespeare.tokens.npz"
+    bad.write_bytes((pathlib.Path(REPO) / "jaxlm" / "assets" / "shakespeare.tokens.npz").read_bytes()[:1000])
+    asset = data_module._asset
+    monkeypatch.setattr(data_module, "_asset", lambda name: bad if name == bad.name else asset(name))
+    with pytest.raises(DataError, match=r"^the embedded corpus's token ids .* are unreadable \(.*\); reinstall jaxlm$"):
+        load_stream(DataConfig(), tokenizer)
 
 
 def test_split_of_many_documents_restarts_the_cut_document():
