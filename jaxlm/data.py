@@ -59,6 +59,11 @@ def _asset(name: str) -> pathlib.Path:
     return pathlib.Path(str(importlib.resources.files("jaxlm.assets") / name))
 
 
+def _reason(e: BaseException) -> str:
+    """An exception's message on one line, at most 120 characters (for a one-line error)."""
+    return " ".join(str(e).split())[:120]
+
+
 def tokenizer_file(path: str = "") -> pathlib.Path:
     """The tokenizer JSON file: ``path``, or the embedded byte-level BPE when empty."""
     p = pathlib.Path(path) if path else _asset("tokenizer.json")
@@ -80,8 +85,7 @@ def load_tokenizer(path: str = "") -> Tokenizer:
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for a bad file
-        reason = " ".join(str(e).split())[:120]
-        raise ConfigError(f"tokenizer file '{p}' is not a Hugging Face tokenizer.json ({reason}); "
+        raise ConfigError(f"tokenizer file '{p}' is not a Hugging Face tokenizer.json ({_reason(e)}); "
                           "point to the tokenizer.json saved with the model") from None
 
 
@@ -204,8 +208,7 @@ def shipped_ids(key: str) -> np.ndarray | None:
                 return None
             return f["ids"].astype(np.int32)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        reason = " ".join(str(e).split())[:120]
-        raise DataError(f"the embedded corpus's token ids '{p}' are unreadable ({reason}); reinstall jaxlm") from None
+        raise DataError(f"the embedded corpus's token ids '{p}' are unreadable ({_reason(e)}); reinstall jaxlm") from None
 
 
 def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:

@@ -83,8 +83,8 @@ def test_shipped_corpus_ids_are_the_embedded_tokenizers_encoding_and_other_text_
     """The embedded corpus is read from its shipped ids: they must be what the tokenizer gives
     (rebuild them with scripts/make_corpus.py when the corpus or tokenizer changes); any other
     or edited text, or another tokenizer, is tokenized."""
-    text = load_text()
-    with np.load(os.path.join(REPO, "jaxlm", "assets", "shakespeare.tokens.npz")) as f:
+    text, shipped = load_text(), pathlib.Path(REPO) / "jaxlm" / "assets" / "shakespeare.tokens.npz"
+    with np.load(shipped) as f:
         np.testing.assert_array_equal(f["ids"], tokenizer.encode(text).ids)
         assert str(f["key"]) == corpus_key(text, tokenizer)
     own = tmp_path / "own.txt"
@@ -96,8 +96,8 @@ def test_shipped_corpus_ids_are_the_embedded_tokenizers_encoding_and_other_text_
     for path, tok in ((str(own), tokenizer), (str(edited), tokenizer), ("", other)):
         got = load_stream(DataConfig(text_path=path), tok).tokens
         np.testing.assert_array_equal(got, tok.encode(load_text(path)).ids)
-    bad = tmp_path / "shakespeare.tokens.npz"
-    bad.write_bytes((pathlib.Path(REPO) / "jaxlm" / "assets" / "shakespeare.tokens.npz").read_bytes()[:1000])
+    bad = tmp_path / shipped.name
+    bad.write_bytes(shipped.read_bytes()[:1000])
     asset = data_module._asset
     monkeypatch.setattr(data_module, "_asset", lambda name: bad if name == bad.name else asset(name))
     with pytest.raises(DataError, match=r"^the embedded corpus's token ids .* are unreadable \(.*\); reinstall jaxlm$"):
