@@ -265,8 +265,10 @@ class Transformer(nnx.Module):
             per_layer = None if paged or cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bte,ev->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        if cfg.tie_embeddings:  # contract the embedding's own rows: a transposed copy of it costs a read and write per call
+            logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "act_vocab"))
         new_cache = (cache.with_flat_pools(*carried) if paged else None if cache is None
                      else cache.with_layers(per_layer))

@@ -307,6 +307,9 @@ def projection(equation: str, x: jax.Array, w: jax.Array, *, impl: str = "auto")
     if equation not in PROJECTIONS:
         raise ValueError(f"projection '{equation}' is not one of {', '.join(PROJECTIONS)}")
     if _whole("projection", Call(x.dtype, mnk=_gemm_shape(x, w)), impl) == "xla":
+        if equation == "bthd,hde->bte":  # one [heads * head_dim] contraction: given two, XLA's CPU
+            # layout assignment transposes the weight on every call (a copy of wo per layer per step)
+            return jax.numpy.einsum("btk,ke->bte", x.reshape(*x.shape[:2], -1), w.reshape(-1, w.shape[-1]))
         return jax.numpy.einsum(equation, x, w)
     from sharding.rules import per_shard
 
