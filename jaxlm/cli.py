@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except ValueError as e:
         raise jaxlm.ConfigError(str(e)) from None
+    del model  # the engine holds the weights in the compute dtype (decoding_placement): free the restored ones
     engine.warmup()
 
     def ready(address):

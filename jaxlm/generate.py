@@ -23,7 +23,7 @@ from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
 from jaxlm.metrics import memory_capacity
 from jaxlm.detokenize import decode_continuation
-from jaxlm.model import Transformer
+from jaxlm.model import Transformer, in_compute_dtype
 from sharding.mesh import fold_sequence_axis
 from sharding.rules import LOGICAL_RULES, mesh_axis_size
 
@@ -133,13 +133,15 @@ def model_mesh(model: Transformer) -> Mesh | None:
 def decoding_placement(model: Transformer, mesh: Mesh | None = None) -> tuple[Transformer, Mesh | None]:
     """``(model, mesh)`` to decode on: ``mesh`` (default: the model's own) with any sequence axis
     folded into ``data`` (one new token per step cannot be split along the sequence), and the
-    parameters placed on it. Folding keeps every device's shards, so the placement moves nothing."""
+    parameters placed on it. Folding keeps every device's shards, so the placement moves nothing.
+    The model's matrices come in its compute dtype (:func:`jaxlm.model.in_compute_dtype`: the same
+    outputs, half the weight memory and less traffic per step under bfloat16 compute with float32 weights)."""
     mesh = model_mesh(model) if mesh is None else mesh
-    if mesh is None or fold_sequence_axis(mesh) is mesh:
-        return model, mesh
-    mesh = fold_sequence_axis(mesh)
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+    state = in_compute_dtype(state, model.cfg.compute_dtype)
+    if mesh is not None and fold_sequence_axis(mesh) is not mesh:
+        mesh = fold_sequence_axis(mesh)
+        state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
     return nnx.merge(graphdef, state), mesh
 
 

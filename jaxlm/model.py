@@ -182,6 +182,34 @@ class Block(nnx.Module):
         return x, kv
 
 
+# The weights every use casts to the compute dtype: the embedding, the projections with their
+# biases, the head. Decoding holds them in it (norm scales and LoRA adapters keep their own dtype).
+COMPUTE_DTYPE_WEIGHTS = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "w_gate", "w_up", "w_down"})
+
+
+def in_compute_dtype(state: nnx.State, compute_dtype: Any) -> nnx.State:
+    """``state`` (of a :class:`Transformer`; arrays or ``jax.ShapeDtypeStruct``) with the weights of
+    :data:`COMPUTE_DTYPE_WEIGHTS` in ``compute_dtype``, shardings kept.
+
+    The model computes with exactly these values (each use casts first), so outputs are unchanged;
+    what changes is what a step reads. Held in float32 under bfloat16 compute, every decode step
+    reads each weight in float32 and writes and reads a bfloat16 copy of it (XLA's GPU compile of
+    an 8B decode step: 5.9e10 bytes of traffic, against 4.3e10 with the weights held in bfloat16).
+    A no-op (the same arrays) when the weights are in that dtype already.
+    """
+    dt = jnp.dtype(compute_dtype)
+
+    def cast(path, x):
+        name = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+        if name not in COMPUTE_DTYPE_WEIGHTS or x.dtype == dt:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 class Transformer(nnx.Module):
     """Embedding -> ``num_layers`` pre-norm blocks (stacked on a ``layers`` axis) -> norm -> head.
 

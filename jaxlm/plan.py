@@ -16,7 +16,7 @@ toolchain registered in this process: :func:`sharding.targets.use_gpu_compile_to
 * Decode: the serving engine's compiled call (``jaxlm.serve.engine._forward_and_sample``: one
   token per sequence over a paged KV cache, then sampling) on the decoding mesh (the sequence
   axis folded into ``data``), with a page pool holding ``decode_batch`` sequences of ``context``
-  tokens.
+  tokens, and the weights as the engine holds them (the matrices in the compute dtype).
 
 Per device, from XLA: memory (``compiled.memory_analysis()``: arguments, outputs, aliased
 (donated) bytes, temporaries; peak = arguments + outputs - aliased + temporaries), and from the
@@ -33,7 +33,8 @@ Decode analytics (whole model, per model replica): KV bytes per token ``2 * laye
 head_dim * itemsize``; the sequences of ``context`` tokens that fit in the memory left after the
 decode program's other buffers; and the batch at which a decode step turns compute-bound:
 ``B * F_tok / (W + B * context * kv_tok) = peak / bandwidth`` solved for ``B``, with ``F_tok = 2 *
-(matmul parameters) + 4 * layers * heads * head_dim * context`` and ``W`` the weight bytes read per step.
+(matmul parameters) + 4 * layers * heads * head_dim * context`` and ``W`` the weight bytes read per step
+(the matmul parameters in the compute dtype).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from jaxlm.cache import PAGED_CACHE_AXES
 from jaxlm.config import Config, ConfigError
 from jaxlm.hlo_stats import CollectiveStat, collectives, cost
 from jaxlm.metrics import count_params, model_flops_per_token
+from jaxlm.model import in_compute_dtype
 from jaxlm.precision import LossScale
 from sharding.mesh import fold_sequence_axis, make_compile_only_mesh
 from sharding.rules import LOGICAL_RULES, logical_sharding, logical_spec, mesh_axis_size
@@ -318,7 +320,8 @@ def plan_decode(
     mesh = fold_sequence_axis(mesh)
     m = cfg.model
     graphdef, abstract = abstract_model(m)
-    params = _abstract(abstract, state_shardings(abstract, mesh))
+    # the weights as the engine holds them (jaxlm.generate.decoding_placement)
+    params = in_compute_dtype(_abstract(abstract, state_shardings(abstract, mesh)), m.compute_dtype)
     rows = _round_up(batch, mesh_axis_size(mesh, LOGICAL_RULES["batch"]))
     pages_per_seq = -(-context // page_size)
     num_pages = rows * pages_per_seq + 1  # + the engine's scratch page
@@ -358,7 +361,8 @@ def compute_bound_batch(cfg: Config, context: int, ridge: float) -> float | None
     (peak FLOP/s over HBM bandwidth), each attending over ``context`` tokens; None if it never does."""
     m = cfg.model
     matmul_params = _matmul_params(cfg)
-    weight_bytes = matmul_params * jnp.dtype(m.param_dtype).itemsize  # the embedding lookup reads B rows only
+    # decoding holds the weights in the compute dtype (in_compute_dtype); the embedding lookup reads B rows only
+    weight_bytes = matmul_params * jnp.dtype(m.compute_dtype).itemsize
     flops_per_token = 2 * matmul_params + 4 * m.num_layers * m.num_heads * m.head_dim * context
     kv_read = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(m.compute_dtype).itemsize * context
     denominator = flops_per_token - ridge * kv_read

@@ -208,3 +208,35 @@ def test_text_generation_refuses_a_tokenizer_that_is_not_the_models():
         generate(other, ["ROMEO:"], GREEDY)
     with pytest.raises(ConfigError, match="the tokenizer has 4096 ids but the model only 512 embeddings"):
         generate(other, ["ROMEO:"], GREEDY, tokenizer=load_tokenizer())
+
+
+def test_decoding_holds_the_matrices_in_the_compute_dtype_with_the_same_logits(devices):
+    """float32 weights under bfloat16 compute: the decoding placement (the engine's and generate's)
+    casts the embedding, the projections, their biases and the head, keeps the norm scales in float32
+    and every shard where it was; the logits are bit for bit the float32-weight model's."""
+    from flax import nnx
+
+    from jaxlm.generate import decoding_placement
+
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=2), devices[:4])
+    cfg = tiny_config("model.init_std=0.2", "model.compute_dtype=bfloat16", "model.qkv_bias=true",
+                      "model.tie_embeddings=false").model
+    model = build_model(cfg, mesh, seed=3)
+    placed, _ = decoding_placement(model)
+    before = jax.tree_util.tree_leaves_with_path(nnx.split(model)[1])
+    after = jax.tree.leaves(nnx.split(placed)[1])
+    cast = set()
+    for (path, old), new in zip(before, after, strict=True):
+        name = path[-2].key
+        assert old.dtype == jnp.float32 and new.sharding == old.sharding, name
+        if new.dtype == jnp.bfloat16:
+            cast.add(name)
+            assert jnp.array_equal(new, old.astype(jnp.bfloat16)), name
+        else:
+            assert new.dtype == jnp.float32 and jnp.array_equal(new, old), name
+    assert cast == {"embed", "lm_head", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "w_gate", "w_up", "w_down"}
+    tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    forward = jax.jit(lambda m: m(tokens, positions)[0])
+    with jax.set_mesh(mesh):
+        assert jnp.array_equal(forward(placed), forward(model))

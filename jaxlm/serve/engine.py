@@ -98,7 +98,9 @@ class Engine:
     feeds per step; ``prefill_batch``: sequences prefilled per step (both rounded up to fit the
     mesh's data-parallel axes). ``tokenizer`` lets requests carry text and outputs have text;
     ``eos_token_id`` (one id or the model's EOS set, :func:`jaxlm.interop.eos.eos_token_ids`) ends a sequence.
-    Runs on ``mesh``, by default the mesh the model's parameters live on.
+    Runs on ``mesh``, by default the mesh the model's parameters live on, with the model's matrices
+    in its compute dtype (:func:`jaxlm.generate.decoding_placement`; a copy when they are stored in
+    another, so a caller that keeps ``model`` holds both).
 
     Prefix caching (``enable_prefix_caching``, on by default) reuses full pages across requests
     whose token ids agree from the start; ``extra_key`` names whatever else changes the keys and
