@@ -67,6 +67,10 @@ def _reason(e: BaseException) -> str:
 def tokenizer_file(path: str = "") -> pathlib.Path:
     """The tokenizer JSON file: ``path``, or the embedded byte-level BPE when empty."""
     p = pathlib.Path(path) if path else _asset("tokenizer.json")
+    if p.is_dir():
+        inside = p / "tokenizer.json"
+        raise ConfigError(f"tokenizer file '{p}' is a directory, not a file; set data.tokenizer_path to "
+                          + (f"'{inside}'" if inside.is_file() else "a tokenizer.json"))
     if not p.is_file():
         raise ConfigError(f"tokenizer file '{p}' does not exist; set data.tokenizer_path to a tokenizer.json")
     return p
@@ -97,7 +101,8 @@ def load_text(path: str = "") -> str:
     """The training text; the embedded Shakespeare corpus when ``path`` is empty."""
     p = pathlib.Path(path) if path else _asset("shakespeare.txt")
     if not p.is_file():
-        raise ConfigError(f"text file '{p}' does not exist; set data.text_path to a UTF-8 text file")
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"text file '{p}' {what}; set data.text_path to a UTF-8 text file")
     return read_utf8(p, hint="convert it to UTF-8")
 
 

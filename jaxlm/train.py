@@ -21,6 +21,7 @@ the metrics log, printed lines, the progress bar, the preemption check and the p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -33,13 +34,13 @@ from jax.sharding import Mesh
 
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer, tree_checksum
-from jaxlm.config import Config, ConfigError, check_lora
+from jaxlm.config import Config, ConfigError, check_lora, config_from_dict
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.hooks import Hook, default_hooks
 from jaxlm.loop import TrainingDiverged, TrainLoop
 from jaxlm import pretrained
 from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters, lora_changed
-from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch
+from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch, tokenizer_hash
 from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
 from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
@@ -288,6 +289,11 @@ class Trainer:
         state = TrainState(step_array, params, opt_state, self._loss_scale(meta.get("loss_scale")))
         return state, int(meta["data_position"])
 
+    @functools.cached_property
+    def tokenizer_sha256(self) -> str:
+        """sha256 of the tokenizer the run's token ids come from (stored with each checkpoint)."""
+        return tokenizer_hash(self.cfg.data.tokenizer_path)
+
     def save(self, ckpt: Checkpointer, step: int, state: TrainState, data_position: int) -> None:
         """Start an asynchronous save of ``state`` (which is at ``step``).
 
@@ -302,7 +308,8 @@ class Trainer:
                 f"'{ckpt.directory}' are kept); start from finite parameters, lower train.learning_rate or check the data"
             )
         scale, good = jax.device_get((state.loss_scale.scale, state.loss_scale.good_steps))
-        extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)}}
+        extra = {"loss_scale": {"scale": float(scale), "good_steps": int(good)},
+                 "tokenizer_sha256": self.tokenizer_sha256}
         if self.lora:
             extra["lora_base"] = self.base_meta
         ckpt.save(step, state.params, state.opt_state, data_position, self.cfg, extra_meta=extra)
@@ -338,7 +345,7 @@ def _resume(
     older one has restored. When none restores (more likely a changed setup than corruption)
     nothing is renamed and the run is refused unless ``force``. A directory holding a different
     model, or a LoRA run whose adapters another ``train.lora`` setting would change (:func:`jaxlm.lora.lora_changed`),
-    is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
+    or a run trained with another tokenizer (its file's sha256, stored with each checkpoint), is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
     into a ``superseded-*`` folder and starts afresh.
     """
     bad: list[tuple[int, JaxlmError]] = []
@@ -349,7 +356,8 @@ def _resume(
 
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
-            saved = ckpt.read_config(step)
+            meta = ckpt.read_meta(step)
+            saved = config_from_dict(meta["config"])
         except (CheckpointError, ConfigError) as e:  # unreadable, or a config this version refuses
             bad.append((step, e))
             continue
@@ -372,6 +380,16 @@ def _resume(
         if lora_diff:
             key, was, _ = lora_diff
             start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
+            return None
+        tokenizer = meta.get("tokenizer_sha256")  # absent from runs saved before it was recorded
+        if tokenizer is not None and tokenizer != trainer.tokenizer_sha256:
+            was = saved.data.tokenizer_path or "the embedded tokenizer"
+            if not force:
+                raise ConfigError(
+                    f"checkpoint directory '{ckpt.directory}' holds a run trained with another tokenizer ({was}; the "
+                    f"files differ); set data.tokenizer_path to it, use a new checkpoint.dir, or --force to set it aside"
+                )
+            start_afresh(f"the run in '{ckpt.directory}' was trained with another tokenizer ({was})")
             return None
         try:
             restored = trainer.restore(ckpt, step)

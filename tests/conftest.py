@@ -54,6 +54,14 @@ from jaxlm.config import load_config  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def file_hashes(root: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (to show that nothing saved changed)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def tiny_config(*overrides: str):
     """configs/tiny.yaml, float32, with the given overrides."""
     return load_config(os.path.join(REPO, "configs", "tiny.yaml"), ["train.progress=false", *overrides])

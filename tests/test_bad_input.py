@@ -5,7 +5,6 @@ The table runs in process through ``jaxlm.cli.main(argv)``; most inputs fail in 
 config validation before anything is compiled. A few run as real subprocesses (marked slow).
 """
 
-import hashlib
 import json
 import os
 import pathlib
@@ -21,7 +20,7 @@ from jaxlm.interop.hf import to_hf
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.prepare import prepare_chat, prepare_data
-from tests.conftest import REPO, tiny_config, xla_flags
+from tests.conftest import REPO, file_hashes, tiny_config, xla_flags
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
@@ -114,13 +113,6 @@ def _lora_run(directory: pathlib.Path, base) -> None:
     ckpt.close()
 
 
-def _fingerprint(root: pathlib.Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
 # (subcommand, argv with {d} for the world directory, exit code, a fragment of the one line)
 TABLE = [
     # ---- the command line itself (argparse)
@@ -178,6 +170,9 @@ TABLE = [
     ("train", ["train", TINY, "checkpoint.dir={d}/run", "model.embed_dim=32"], 2, "holds a run with a different model"),
     ("train", ["train", TINY, "data.text_path={d}/latin1.txt"], 65, "is not UTF-8 text: byte 3 is 0xe9"),
     ("train", ["train", TINY, "data.text_path={d}/missing.txt"], 2, "does not exist"),
+    ("train", ["train", TINY, "data.text_path={d}/empty_dir"], 2, "text file '{d}/empty_dir' is a directory, not a file"),
+    ("train", ["train", TINY, "data.tokenizer_path={d}/chat_tok"], 2,
+     "'{d}/chat_tok' is a directory, not a file; set data.tokenizer_path to '{d}/chat_tok/tokenizer.json'"),
     ("train", ["train", TINY, "data.path={d}/afile"], 2, "is not a directory"),
     ("train", ["train", TINY, "data.path={d}/empty_dir"], 2, "has no meta.json"),
     ("train", ["train", TINY, "data.path={d}/chat_data", "data.tokenizer_path={d}/chat_tok/tokenizer.json",
@@ -323,7 +318,7 @@ def test_the_table_covers_every_subcommand_with_enough_inputs():
 @pytest.mark.parametrize("command, argv, code, fragment", TABLE, ids=lambda v: None)
 def test_bad_input_gives_one_line_and_changes_nothing(world, capsys, command, argv, code, fragment):
     d, _ = world
-    before = _fingerprint(d)
+    before = file_hashes(d)
     rc = main(_expand(argv, d))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
@@ -332,14 +327,14 @@ def test_bad_input_gives_one_line_and_changes_nothing(world, capsys, command, ar
         import shutil
 
         shutil.rmtree(d / "p")
-        assert _fingerprint(d) == before
+        assert file_hashes(d) == before
         return
     lines = err.splitlines()
     assert rc == code, err
     assert len(lines) == 1 and lines[0].startswith("jaxlm: error: "), err
     assert not lines[0].startswith("jaxlm: error: jaxlm:"), lines[0]
     assert _expand([fragment], d)[0] in lines[0], lines[0]
-    assert _fingerprint(d) == before  # no file of a previous run (or any input) changed
+    assert file_hashes(d) == before  # no file of a previous run (or any input) changed
     assert not (d / "p").exists() and not list(d.glob(".p.tmp-*"))  # nothing half-written left behind
 
 
@@ -347,26 +342,26 @@ def test_read_only_checkpoint_dir_and_output_dir(world, capsys):
     d, locked = world
     if not locked:
         pytest.skip("cannot make a directory read-only for this user on this file system")
-    before = _fingerprint(d)
+    before = file_hashes(d)
     rc = main(["train", TINY, f"checkpoint.dir={d / 'locked'}"])
     err = capsys.readouterr().err
     assert rc == 74 and len(err.splitlines()) == 1 and "cannot write to checkpoint directory" in err, err
     rc = main(["prepare-data", str(d / "good.txt"), "--out", str(d / "locked" / "p")])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.splitlines()) == 1 and "cannot create --out" in err, err
-    assert _fingerprint(d) == before
+    assert file_hashes(d) == before
 
 
 def test_generate_on_a_corrupt_latest_checkpoint_falls_back_and_says_so(world, capsys):
     d, _ = world
-    before = _fingerprint(d)
+    before = file_hashes(d)
     rc = main(["generate", "--checkpoint", str(d / "corrupt"), "--prompt", "ROMEO:", "--max-new-tokens", "3",
                "--temperature", "0"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert len(err.splitlines()) == 1 and err.startswith("warning: checkpoint step 2 ") and "using step 1" in err, err
     assert "--- prompt: 'ROMEO:'" in out
-    assert _fingerprint(d) == before  # the corrupt step is reported, not renamed: generate writes nothing
+    assert file_hashes(d) == before  # the corrupt step is reported, not renamed: generate writes nothing
 
 
 def test_encoding_errors_replace_reads_what_strict_refuses(world, tmp_path, capsys):
@@ -396,12 +391,12 @@ def _jaxlm(*args, env=None):
 ])
 def test_as_real_processes(world, argv, code):
     d, _ = world
-    before = _fingerprint(d)
+    before = file_hashes(d)
     r = _jaxlm(*_expand(argv, d))
     assert r.returncode == code, r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("jaxlm: error: "), r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    assert _fingerprint(d) == before
+    assert file_hashes(d) == before
 
 
 def test_orphaned_orbax_futures_of_a_failed_save_are_not_logged_but_others_are(caplog):
@@ -452,7 +447,7 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     env_1 = {"XLA_FLAGS": xla_flags(1)}
     first = _jaxlm(*common, "train.steps=2", env=dict(os.environ, PYTHONPATH=REPO, **env_1))
     assert first.returncode == 0, first.stderr
-    before = _fingerprint(run)
+    before = file_hashes(run)
     # (no persistent compilation cache: its writes would hit the same limit)
     r = subprocess.run(["prlimit", "--fsize=300000", sys.executable, "-m", "jaxlm.cli", *common, "train.steps=4"],
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_ENABLE_COMPILATION_CACHE="false", **env_1),
@@ -462,7 +457,7 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
     assert len(r.stderr.splitlines()) == 1, r.stderr[-3000:]
     assert "could not write checkpoint step 4" in r.stderr and "File too large" in r.stderr
     assert "kept checkpoints: steps 2 (" in r.stderr
-    after = _fingerprint(run)
+    after = file_hashes(run)
     assert {k: v for k, v in after.items() if k.startswith("2/")} == {k: v for k, v in before.items() if k.startswith("2/")}
     ckpt = Checkpointer(run, create=False)
     assert ckpt.all_steps() == [2]
@@ -490,14 +485,14 @@ def test_force_sets_a_lora_run_with_another_rank_aside_without_a_traceback(world
     d, _ = world
     run = tmp_path / "lora_run"
     subprocess.run(["cp", "-r", str(d / "lora_run"), str(run)], check=True)
-    before = _fingerprint(run)
+    before = file_hashes(run)
     r = _jaxlm("train", TINY, f"checkpoint.dir={run}", "train.lora.rank=4", "train.steps=1", "train.warmup_steps=0",
                "train.eval_batches=1", "train.progress=false", "--force")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stdout + r.stderr and "Exception ignored" not in r.stderr, r.stderr
     aside = [p for p in run.iterdir() if p.name.startswith("superseded-")]
     assert len(aside) == 1 and "had train.lora.rank=8; moved its checkpoints to" in r.stdout, r.stdout
-    assert _fingerprint(aside[0]) == before  # the old run, byte for byte
+    assert file_hashes(aside[0]) == before  # the old run, byte for byte
     ckpt = Checkpointer(run, create=False)
     assert ckpt.read_config(1).train.lora.rank == 4
     ckpt.close()

@@ -1,5 +1,6 @@
 """Checkpoints: reshard on restore, bit-identical resume, and refusals that keep saved data intact."""
 
+import json
 import shutil
 
 import jax
@@ -10,9 +11,10 @@ from flax import nnx
 import jaxlm
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.data import tokenizer_file
 from jaxlm.errors import CheckpointError
 from sharding.mesh import make_mesh
-from tests.conftest import tiny_config
+from tests.conftest import file_hashes, tiny_config
 
 QUIET = dict(log=lambda _: None)
 
@@ -66,6 +68,22 @@ def test_incompatible_run_directory_is_refused_and_untouched(uninterrupted, tmp_
     with pytest.raises(ConfigError, match=r"holds a run with a different model \(model.embed_dim differ\)"):
         jaxlm.train(_run_cfg(tmp_path / "run", "model.embed_dim=32"), mesh=make_mesh(MeshConfig(), devices[:1]), **QUIET)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_resuming_with_another_tokenizer_is_refused_and_untouched(uninterrupted, tmp_path, devices):
+    """The run's token ids came from the embedded tokenizer: one with fewer merges maps text to other
+    ids, so resuming under it is refused (the checkpoints record the tokenizer file's sha256)."""
+    full_dir, _ = uninterrupted
+    shutil.copytree(full_dir, tmp_path / "run")
+    spec = json.loads(tokenizer_file().read_text(encoding="utf-8"))
+    spec["model"]["merges"] = spec["model"]["merges"][:-50]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    before = file_hashes(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"holds a run trained with another tokenizer \(the embedded tokenizer; the "
+                                          r"files differ\); set data.tokenizer_path to it"):
+        jaxlm.train(_run_cfg(tmp_path / "run", f"data.tokenizer_path={tmp_path / 'tokenizer.json'}"),
+                    mesh=make_mesh(MeshConfig(), devices[:1]), **QUIET)
+    assert file_hashes(tmp_path / "run") == before
 
 
 def test_missing_and_corrupt_checkpoints(uninterrupted, tmp_path):
