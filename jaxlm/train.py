@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -34,17 +33,17 @@ from jax.sharding import Mesh
 
 from jaxlm.build import abstract_model, build_model, like_param_shardings, replicated, state_shardings
 from jaxlm.checkpoint import Checkpointer, tree_checksum
-from jaxlm.config import Config, ConfigError, check_lora, config_from_dict
-from jaxlm.errors import CheckpointError, JaxlmError
+from jaxlm.config import Config, ConfigError, check_lora
 from jaxlm.hooks import Hook, default_hooks
 from jaxlm.loop import TrainingDiverged, TrainLoop
 from jaxlm import pretrained
-from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters, lora_changed
+from jaxlm.lora import LoRAParam, abstract_lora_model, base_dtype, cast_base, check_base, init_adapters
 from jaxlm.data import PackedLoader, load_splits, load_tokenizer, to_global_batch, tokenizer_hash
 from jaxlm.metrics import memory_capacity, training_bytes
 from jaxlm.model import Transformer
 from jaxlm.optim import accumulate_gradients, learning_rate_schedule, make_optimizer
 from jaxlm.precision import LossScale, Policy, all_finite, init_loss_scale, policy_for, update_loss_scale
+from jaxlm.resume import resume
 from sharding.mesh import make_mesh
 from sharding.pipeline import bubble_fraction, num_stages
 from sharding.rules import constrain, logical_sharding, mesh_axis_size, LOGICAL_RULES
@@ -329,84 +328,6 @@ def _evaluate(trainer: Trainer, params: nnx.State, batches: list[dict[str, jax.A
     return float(np.mean([float(trainer.loss(params, b)) for b in batches]))
 
 
-def _model_diff(saved: Config, cfg: Config) -> list[str]:
-    def key(m, name):  # init_from: runs that recorded a relative path compare by the path it means here
-        value = getattr(m, name)
-        return os.path.abspath(value) if name == "init_from" and value else value
-    return [f.name for f in dataclasses.fields(cfg.model) if key(saved.model, f.name) != key(cfg.model, f.name)]
-
-
-def _resume(
-    trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
-) -> tuple[TrainState, int] | None:
-    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set them aside).
-
-    Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
-    older one has restored. When none restores (more likely a changed setup than corruption)
-    nothing is renamed and the run is refused unless ``force``. A directory holding a different
-    model, or a LoRA run whose adapters another ``train.lora`` setting would change (:func:`jaxlm.lora.lora_changed`),
-    or a run trained with another tokenizer (its file's sha256, stored with each checkpoint), is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
-    into a ``superseded-*`` folder and starts afresh.
-    """
-    bad: list[tuple[int, JaxlmError]] = []
-
-    def start_afresh(why: str) -> None:
-        where = ckpt.set_aside("superseded")
-        say(f"warning: {why}; moved its checkpoints to '{where}', starting afresh")
-
-    for step in sorted(ckpt.all_steps(), reverse=True):
-        try:
-            meta = ckpt.read_meta(step)
-            saved = config_from_dict(meta["config"])
-        except (CheckpointError, ConfigError) as e:  # unreadable, or a config this version refuses
-            bad.append((step, e))
-            continue
-        diff = _model_diff(saved, cfg)
-        if diff and not force:
-            raise ConfigError(
-                f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
-                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
-            )
-        if diff:
-            start_afresh(f"the run in '{ckpt.directory}' had a different model")
-            return None
-        lora_diff = lora_changed(saved, cfg)
-        if lora_diff and not force:
-            key, was, now = lora_diff
-            raise ConfigError(
-                f"checkpoint directory '{ckpt.directory}' holds a run with train.lora.{key}={was}, not {now}; "
-                "use a new checkpoint.dir, or --force to move that run aside and start afresh"
-            )
-        if lora_diff:
-            key, was, _ = lora_diff
-            start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
-            return None
-        tokenizer = meta.get("tokenizer_sha256")  # absent from runs saved before it was recorded
-        if tokenizer is not None and tokenizer != trainer.tokenizer_sha256:
-            was = saved.data.tokenizer_path or "the embedded tokenizer"
-            if not force:
-                raise ConfigError(
-                    f"checkpoint directory '{ckpt.directory}' holds a run trained with another tokenizer ({was}; the "
-                    f"files differ); set data.tokenizer_path to it, use a new checkpoint.dir, or --force to set it aside"
-                )
-            start_afresh(f"the run in '{ckpt.directory}' was trained with another tokenizer ({was})")
-            return None
-        try:
-            restored = trainer.restore(ckpt, step)
-        except CheckpointError as e:
-            bad.append((step, e))
-            continue
-        for bad_step, e in bad:
-            say(f"warning: {e}; set aside as {ckpt.quarantine(bad_step).name}, resuming from an older step")
-        return restored
-    if bad and not force:
-        raise CheckpointError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
-                          "checkpoint.dir, or --force to set them aside")
-    if bad:
-        start_afresh(f"no checkpoint in '{ckpt.directory}' can be restored")
-    return None
-
-
 def _check_fits(cfg: Config, mesh: Mesh) -> None:
     """ConfigError, before anything is allocated, when the model and batch (and a LoRA run's adapters)
     cannot fit the mesh's memory."""
@@ -503,7 +424,7 @@ def train(
         say(f"pipeline: {P} stages x {M} microbatches, bubble {bubble_fraction(P, M):.0%} of stage time")
 
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint) if cfg.checkpoint.dir else None
-    resumed = _resume(trainer, ckpt, cfg, force, say) if ckpt is not None else None
+    resumed = resume(trainer, ckpt, cfg, force, say) if ckpt is not None else None
     if resumed is not None:
         state, position = resumed
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")

@@ -1,0 +1,101 @@
+"""Resuming a run: which checkpoint of a run directory a new run continues from, or why it may not.
+
+A run directory is resumed only by the run that wrote it: the same model (:func:`model_diff`), the
+same LoRA setup (:func:`jaxlm.lora.lora_changed`) and the same tokenizer (the sha256 of its file,
+stored with each checkpoint). Anything else is refused before a restore is tried, unless
+``--force``, which moves the old run into ``superseded-*`` and starts afresh; unreadable newer
+checkpoints are set aside (``N.corrupt``) once an older one restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Callable
+
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import Config, ConfigError, config_from_dict
+from jaxlm.errors import CheckpointError, JaxlmError
+from jaxlm.lora import lora_changed
+
+if TYPE_CHECKING:
+    from jaxlm.train import Trainer, TrainState
+
+
+def model_diff(saved: Config, cfg: Config) -> list[str]:
+    """The ``model.*`` fields whose values differ between a saved run's config and ``cfg``."""
+    def key(m, name):  # init_from: runs that recorded a relative path compare by the path it means here
+        value = getattr(m, name)
+        return os.path.abspath(value) if name == "init_from" and value else value
+    return [f.name for f in dataclasses.fields(cfg.model) if key(saved.model, f.name) != key(cfg.model, f.name)]
+
+
+def resume(
+    trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
+) -> tuple[TrainState, int] | None:
+    """The state of the newest readable checkpoint, or None when there is none (or ``force`` set them aside).
+
+    Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
+    older one has restored. When none restores (more likely a changed setup than corruption)
+    nothing is renamed and the run is refused unless ``force``. A directory holding a different
+    model, or a LoRA run whose adapters another ``train.lora`` setting would change (:func:`jaxlm.lora.lora_changed`),
+    or a run trained with another tokenizer (its file's sha256, stored with each checkpoint), is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
+    into a ``superseded-*`` folder and starts afresh.
+    """
+    bad: list[tuple[int, JaxlmError]] = []
+
+    def start_afresh(why: str) -> None:
+        where = ckpt.set_aside("superseded")
+        say(f"warning: {why}; moved its checkpoints to '{where}', starting afresh")
+
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            meta = ckpt.read_meta(step)
+            saved = config_from_dict(meta["config"])
+        except (CheckpointError, ConfigError) as e:  # unreadable, or a config this version refuses
+            bad.append((step, e))
+            continue
+        diff = model_diff(saved, cfg)
+        if diff and not force:
+            raise ConfigError(
+                f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
+                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
+            )
+        if diff:
+            start_afresh(f"the run in '{ckpt.directory}' had a different model")
+            return None
+        lora_diff = lora_changed(saved, cfg)
+        if lora_diff and not force:
+            key, was, now = lora_diff
+            raise ConfigError(
+                f"checkpoint directory '{ckpt.directory}' holds a run with train.lora.{key}={was}, not {now}; "
+                "use a new checkpoint.dir, or --force to move that run aside and start afresh"
+            )
+        if lora_diff:
+            key, was, _ = lora_diff
+            start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
+            return None
+        tokenizer = meta.get("tokenizer_sha256")  # absent from runs saved before it was recorded
+        if tokenizer is not None and tokenizer != trainer.tokenizer_sha256:
+            was = saved.data.tokenizer_path or "the embedded tokenizer"
+            if not force:
+                raise ConfigError(
+                    f"checkpoint directory '{ckpt.directory}' holds a run trained with another tokenizer ({was}; the "
+                    f"files differ); set data.tokenizer_path to it, use a new checkpoint.dir, or --force to set it aside"
+                )
+            start_afresh(f"the run in '{ckpt.directory}' was trained with another tokenizer ({was})")
+            return None
+        try:
+            restored = trainer.restore(ckpt, step)
+        except CheckpointError as e:
+            bad.append((step, e))
+            continue
+        for bad_step, e in bad:
+            say(f"warning: {e}; set aside as {ckpt.quarantine(bad_step).name}, resuming from an older step")
+        return restored
+    if bad and not force:
+        raise CheckpointError(f"no checkpoint in '{ckpt.directory}' can be restored ({bad[0][1]}); use a new "
+                          "checkpoint.dir, or --force to set them aside")
+    if bad:
+        start_afresh(f"no checkpoint in '{ckpt.directory}' can be restored")
+    return None
