@@ -300,9 +300,14 @@ def _restore_step(ckpt: Checkpointer, step: int, mesh: Any):
 
     from jaxlm.build import abstract_model, state_shardings
     from jaxlm.config import MeshConfig
+    from jaxlm.data import tokenizer_changed
     from sharding.mesh import make_mesh
 
-    cfg = ckpt.read_config(step)
+    meta = ckpt.read_meta(step)
+    cfg = config_from_dict(meta["config"])
+    changed = tokenizer_changed(meta.get("tokenizer_sha256"), cfg.data.tokenizer_path, cfg.data.tokenizer_path)
+    if changed:  # its token ids would decode to other text
+        raise ConfigError(f"the run in '{ckpt.directory}' cannot be used: {changed[0]}; {changed[1]}")
     if mesh is None:
         try:
             run_mesh = cfg.mesh

@@ -69,7 +69,7 @@ def tokenizer_file(path: str = "") -> pathlib.Path:
     p = pathlib.Path(path) if path else _asset("tokenizer.json")
     if p.is_dir():
         inside = p / "tokenizer.json"
-        raise ConfigError(f"tokenizer file '{p}' is a directory, not a file; set data.tokenizer_path to "
+        raise ConfigError(f"tokenizer file '{p}' is a directory, not a file; point to "
                           + (f"'{inside}'" if inside.is_file() else "a tokenizer.json"))
     if not p.is_file():
         raise ConfigError(f"tokenizer file '{p}' does not exist; set data.tokenizer_path to a tokenizer.json")
@@ -79,6 +79,26 @@ def tokenizer_file(path: str = "") -> pathlib.Path:
 def tokenizer_hash(path: str = "") -> str:
     """sha256 of the tokenizer's JSON file (identifies the token ids a prepared directory holds)."""
     return hashlib.sha256(tokenizer_file(path).read_bytes()).hexdigest()
+
+
+def tokenizer_changed(recorded_sha256: str | None, trained_with: str, path: str) -> tuple[str, str] | None:
+    """(what differs, how to fix it) when the tokenizer at ``path`` is not the one a run recorded
+    (``recorded_sha256`` of the file it was trained with, at ``trained_with``; "" is the embedded
+    one); None when it is, when nothing was recorded, or when ``path`` is missing (loading it says so)."""
+    if recorded_sha256 is None:
+        return None
+    try:
+        if tokenizer_hash(path) == recorded_sha256:
+            return None
+    except ConfigError:
+        return None
+    if (pathlib.Path(trained_with).resolve() == pathlib.Path(path).resolve()) if trained_with and path else trained_with == path:
+        name = f"tokenizer file '{path}'" if path else "embedded tokenizer"
+        return (f"the {name} has changed since the run was trained (its sha256 is not the recorded one)",
+                "put back the file it was trained with" if path else "use the jaxlm version it was trained with")
+    was = f"'{trained_with}'" if trained_with else "the embedded tokenizer"
+    return (f"the run was trained with another tokenizer ({was})",
+            f"set data.tokenizer_path back to '{trained_with}'" + ("" if trained_with else " (the embedded tokenizer)"))
 
 
 def load_tokenizer(path: str = "") -> Tokenizer:
@@ -230,6 +250,10 @@ def load_stream(cfg: DataConfig, tokenizer: Tokenizer) -> TokenStream:
     return TokenStream(ids, np.zeros(1, np.int64))
 
 
+def _source(cfg: DataConfig) -> str:
+    return f"data.path '{cfg.path}'" if cfg.path else f"data.text_path '{cfg.text_path}'" if cfg.text_path else "the embedded corpus"
+
+
 def load_splits(cfg: DataConfig, tokenizer: Tokenizer) -> TokenSplits:
     """The stream split into train and the held-out last ``val_fraction`` of its tokens."""
     stream = load_stream(cfg, tokenizer)
@@ -244,8 +268,8 @@ def load_splits(cfg: DataConfig, tokenizer: Tokenizer) -> TokenSplits:
         return TokenSplits(*stream.split_at(cut))
     if n_val < cfg.seq_len + 1 or n - n_val < cfg.seq_len + 1:
         raise ConfigError(
-            f"the corpus has {n} tokens: too few for data.seq_len={cfg.seq_len} "
-            f"with data.val_fraction={cfg.val_fraction}"
+            f"the corpus ({_source(cfg)}) has {n} tokens: too few for data.seq_len={cfg.seq_len} "
+            f"with data.val_fraction={cfg.val_fraction}; give more text or a shorter data.seq_len"
         )
     train, val = stream.split_at(n - n_val)
     return TokenSplits(train=train, val=val)

@@ -57,7 +57,7 @@ def iter_documents(paths: Iterable[str], text_field: str = "text", encoding_erro
     for name in paths:
         p = pathlib.Path(name)
         if not p.is_file():
-            raise ConfigError(f"input '{p}' does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+            raise ConfigError(f"input '{p}' " + ("is a directory, not a file" if p.is_dir() else "does not exist"))
         if p.suffix == ".txt":
             raw = p.read_bytes()
             try:
@@ -112,7 +112,7 @@ def _check_paths(out_dir: pathlib.Path, inputs: list[str]) -> None:
             raise ConfigError(f"--out '{out_dir}': '{parent}' is a file, not a directory; choose another --out")
     for name in inputs:  # every input checked before any work
         if not pathlib.Path(name).is_file():
-            raise ConfigError(f"input '{name}' does not exist" + (" (it is a directory)" if pathlib.Path(name).is_dir() else ""))
+            raise ConfigError(f"input '{name}' " + ("is a directory, not a file" if pathlib.Path(name).is_dir() else "does not exist"))
 
 
 def _make_tmp(out_dir: pathlib.Path) -> pathlib.Path:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, config_from_dict
+from jaxlm.data import tokenizer_changed
 from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.lora import lora_changed
 
@@ -75,15 +76,13 @@ def resume(
             key, was, _ = lora_diff
             start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
             return None
-        tokenizer = meta.get("tokenizer_sha256")  # absent from runs saved before it was recorded
-        if tokenizer is not None and tokenizer != trainer.tokenizer_sha256:
-            was = saved.data.tokenizer_path or "the embedded tokenizer"
-            if not force:
-                raise ConfigError(
-                    f"checkpoint directory '{ckpt.directory}' holds a run trained with another tokenizer ({was}; the "
-                    f"files differ); set data.tokenizer_path to it, use a new checkpoint.dir, or --force to set it aside"
-                )
-            start_afresh(f"the run in '{ckpt.directory}' was trained with another tokenizer ({was})")
+        changed = tokenizer_changed(meta.get("tokenizer_sha256"), saved.data.tokenizer_path, cfg.data.tokenizer_path)
+        if changed and not force:
+            what, fix = changed
+            raise ConfigError(f"checkpoint directory '{ckpt.directory}' holds a run it cannot continue: {what}; "
+                              f"{fix}, use a new checkpoint.dir, or --force to set it aside")
+        if changed:
+            start_afresh(f"in '{ckpt.directory}' {changed[0]}")
             return None
         try:
             restored = trainer.restore(ckpt, step)

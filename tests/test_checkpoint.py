@@ -79,11 +79,38 @@ def test_resuming_with_another_tokenizer_is_refused_and_untouched(uninterrupted,
     spec["model"]["merges"] = spec["model"]["merges"][:-50]
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     before = file_hashes(tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"holds a run trained with another tokenizer \(the embedded tokenizer; the "
-                                          r"files differ\); set data.tokenizer_path to it"):
+    with pytest.raises(ConfigError, match=r"holds a run it cannot continue: the run was trained with another tokenizer "
+                                          r"\(the embedded tokenizer\); set data.tokenizer_path back to '' \(the embedded"):
         jaxlm.train(_run_cfg(tmp_path / "run", f"data.tokenizer_path={tmp_path / 'tokenizer.json'}"),
                     mesh=make_mesh(MeshConfig(), devices[:1]), **QUIET)
     assert file_hashes(tmp_path / "run") == before
+
+
+def test_a_run_whose_tokenizer_file_changed_is_refused_for_decoding_and_resuming(tmp_path, devices):
+    """The run records its tokenizer file's sha256; edited afterwards, the file maps ids to other text:
+    restoring the run (generate, serve) and resuming it say so in one line and change nothing."""
+    tok = tmp_path / "tokenizer.json"
+    shutil.copy(tokenizer_file(), tok)
+    run = tmp_path / "run"
+    cfg = tiny_config("train.steps=2", "train.warmup_steps=1", "train.eval_every=100", "train.eval_batches=1",
+                      f"checkpoint.dir={run}", f"data.tokenizer_path={tok}")
+    mesh = make_mesh(MeshConfig(), devices[:1])
+    jaxlm.train(cfg, mesh=mesh, **QUIET)
+    jaxlm.restore(run, mesh=mesh)  # unchanged: restores
+    spec = json.loads(tok.read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped
+    tok.write_text(json.dumps(spec), encoding="utf-8")
+    before = file_hashes(run)
+    changed = rf"the tokenizer file '{tok}' has changed since the run was trained \(its sha256 is not the recorded one\)"
+    with pytest.raises(ConfigError, match=rf"^the run in '{run}' cannot be used: {changed}; put back the file it was trained with$"):
+        jaxlm.restore(run, mesh=mesh)
+    with pytest.raises(ConfigError, match=rf"holds a run it cannot continue: {changed}; put back the file it was trained "
+                                          r"with, use a new checkpoint.dir, or --force to set it aside$"):
+        jaxlm.train(tiny_config("train.steps=4", "train.warmup_steps=1", f"checkpoint.dir={run}", f"data.tokenizer_path={tok}"),
+                    mesh=mesh, **QUIET)
+    assert file_hashes(run) == before
 
 
 def test_missing_and_corrupt_checkpoints(uninterrupted, tmp_path):
