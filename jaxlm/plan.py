@@ -469,8 +469,9 @@ def format_plan(plan: Plan) -> str:
         ]
     if plan.decode is not None:
         d = plan.decode
-        bound = (f"{d.compute_bound_batch:,.0f} sequences per model replica" if d.compute_bound_batch is not None
-                 else "never at this context (the KV reads alone keep it memory-bound)")
+        bound = (f"{d.compute_bound_batch:,.0f} sequences per model replica at {d.context} tokens of context"
+                 if d.compute_bound_batch is not None
+                 else f"never at {d.context} tokens of context (the KV reads alone keep it memory-bound)")
         out += [
             f"decode step: {d.batch} sequences x {d.context} tokens (paged KV, {d.page_size}-token pages, "
             f"{d.num_pages} pages), compiled in {d.program.compile_seconds:.1f} s",
@@ -480,8 +481,7 @@ def format_plan(plan: Plan) -> str:
             f"  KV cache          {d.kv_bytes_per_token / 2**10:.1f} KiB per token (model), "
             f"{d.kv_bytes_per_token_device / 2**10:.1f} KiB per token on each device; "
             f"{d.max_sequences:,} sequences of {d.context} tokens fit",
-            f"  compute-bound at  {bound} at {d.context} tokens of context; "
-            f"{d.compute_bound_batch_short:,.0f} for short contexts (weights only)",
+            f"  compute-bound     {bound}; at {d.compute_bound_batch_short:,.0f} for short contexts (weights only)",
         ]
     programs = [p.program for p in (plan.train, plan.decode) if p is not None]
     calls = sorted({c for p in programs for c in p.opaque_custom_calls})
