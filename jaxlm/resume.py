@@ -31,6 +31,29 @@ def model_diff(saved: Config, cfg: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg.model) if key(saved.model, f.name) != key(cfg.model, f.name)]
 
 
+def _incompatible(saved: Config, meta: dict, cfg: Config, directory) -> tuple[str, str] | None:
+    """(the refusal, the warning under --force) when ``cfg`` cannot continue the run a checkpoint
+    (its config ``saved`` and metadata ``meta``) holds: another model, LoRA setup or tokenizer."""
+    diff = model_diff(saved, cfg)
+    if diff:
+        return (f"checkpoint directory '{directory}' holds a run with a different model "
+                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside",
+                f"the run in '{directory}' had a different model")
+    lora_diff = lora_changed(saved, cfg)
+    if lora_diff:
+        key, was, now = lora_diff
+        return (f"checkpoint directory '{directory}' holds a run with train.lora.{key}={was}, not {now}; "
+                "use a new checkpoint.dir, or --force to move that run aside and start afresh",
+                f"the run in '{directory}' had train.lora.{key}={was}")
+    changed = tokenizer_changed(meta.get("tokenizer_sha256"), saved.data.tokenizer_path, cfg.data.tokenizer_path)
+    if changed:
+        what, fix = changed
+        return (f"checkpoint directory '{directory}' holds a run it cannot continue: {what}; "
+                f"{fix}, use a new checkpoint.dir, or --force to set it aside",
+                f"in '{directory}' {what}")
+    return None
+
+
 def resume(
     trainer: Trainer, ckpt: Checkpointer, cfg: Config, force: bool, say: Callable[[str], None]
 ) -> tuple[TrainState, int] | None:
@@ -38,10 +61,10 @@ def resume(
 
     Unreadable newer checkpoints are renamed ``N.corrupt``, each with a one-line warning, once an
     older one has restored. When none restores (more likely a changed setup than corruption)
-    nothing is renamed and the run is refused unless ``force``. A directory holding a different
-    model, or a LoRA run whose adapters another ``train.lora`` setting would change (:func:`jaxlm.lora.lora_changed`),
-    or a run trained with another tokenizer (its file's sha256, stored with each checkpoint), is refused (ConfigError) before any restore is tried, unless ``force``, which moves its checkpoints
-    into a ``superseded-*`` folder and starts afresh.
+    nothing is renamed and the run is refused unless ``force``. A directory holding a run that
+    ``cfg`` cannot continue (another model, LoRA setup or tokenizer: :func:`_incompatible`) is
+    refused (ConfigError) before any restore is tried, unless ``force``, which moves its
+    checkpoints into a ``superseded-*`` folder and starts afresh.
     """
     bad: list[tuple[int, JaxlmError]] = []
 
@@ -56,33 +79,11 @@ def resume(
         except (CheckpointError, ConfigError) as e:  # unreadable, or a config this version refuses
             bad.append((step, e))
             continue
-        diff = model_diff(saved, cfg)
-        if diff and not force:
-            raise ConfigError(
-                f"checkpoint directory '{ckpt.directory}' holds a run with a different model "
-                f"(model.{', model.'.join(diff)} differ); use a new checkpoint.dir, or --force to set it aside"
-            )
-        if diff:
-            start_afresh(f"the run in '{ckpt.directory}' had a different model")
-            return None
-        lora_diff = lora_changed(saved, cfg)
-        if lora_diff and not force:
-            key, was, now = lora_diff
-            raise ConfigError(
-                f"checkpoint directory '{ckpt.directory}' holds a run with train.lora.{key}={was}, not {now}; "
-                "use a new checkpoint.dir, or --force to move that run aside and start afresh"
-            )
-        if lora_diff:
-            key, was, _ = lora_diff
-            start_afresh(f"the run in '{ckpt.directory}' had train.lora.{key}={was}")
-            return None
-        changed = tokenizer_changed(meta.get("tokenizer_sha256"), saved.data.tokenizer_path, cfg.data.tokenizer_path)
-        if changed and not force:
-            what, fix = changed
-            raise ConfigError(f"checkpoint directory '{ckpt.directory}' holds a run it cannot continue: {what}; "
-                              f"{fix}, use a new checkpoint.dir, or --force to set it aside")
-        if changed:
-            start_afresh(f"in '{ckpt.directory}' {changed[0]}")
+        why = _incompatible(saved, meta, cfg, ckpt.directory)
+        if why and not force:
+            raise ConfigError(why[0])
+        if why:
+            start_afresh(why[1])
             return None
         try:
             restored = trainer.restore(ckpt, step)
