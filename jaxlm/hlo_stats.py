@@ -15,10 +15,10 @@ times it runs per step (``known_trip_count`` of the loops around it):
 What is not counted, and said so in :class:`Cost`: elementwise FLOPs (small next to the
 matmuls), FLOPs inside opaque custom calls (Pallas/Triton and cuDNN kernels; listed by name), and
 cache effects (the byte estimate assumes every kernel reads its operands once from HBM; a fused
-slice of a stacked tensor counts only the slice, and an opaque kernel handed a buffer that a loop
-carries and updates in place in the same iteration, as the layer scan's KV pools, counts one
-iteration's share of it: the buffer is assumed stacked along that loop. Without a loop (layers
-unrolled, ``scan_layers: false``) such a kernel counts the whole pool on every layer).
+slice of a stacked tensor counts only the slice, and opaque kernels handed a buffer that the step
+updates in place, as each layer's KV pools after it writes its keys and values, count it once
+per step between them: each kernel reads its own layer's part, whether the layers run as a loop
+(a share per trip) or unrolled (a share per kernel)).
 """
 
 from __future__ import annotations
@@ -272,17 +272,20 @@ def _fusion_traffic(instr: Instruction, body: list[Instruction], table: dict[str
     return total + shape_bytes(instr.shape)
 
 
-def _carried_and_updated(name: str, table: dict[str, Instruction], computations: dict[str, list[Instruction]]) -> bool:
-    """Whether value ``name`` of a loop body is a buffer the loop carries (its parameter's element)
-    that this iteration updated in place (a fusion rooted at a dynamic-update-slice or scatter):
-    a stacked buffer of which each iteration touches its own part, as a layer loop's KV pools."""
+def _updated_in_place(name: str, table: dict[str, Instruction], computations: dict[str, list[Instruction]]) -> str | None:
+    """When value ``name`` is a buffer this computation updated in place (through fusions rooted
+    at a dynamic-update-slice or scatter, and bitcasts) from one of its parameters or a loop's
+    carried element, that source's name (one per buffer, as the KV pools a layer writes its part
+    of); else None."""
     seen, updated = set(), False
     while name in table and name not in seen:
         seen.add(name)
         instr = table[name]
+        if instr.opcode == "parameter":
+            return name if updated else None
         if instr.opcode == "get-tuple-element":
             source = table.get(instr.operands[0]) if instr.operands else None
-            return updated and source is not None and source.opcode == "parameter"
+            return name if updated and source is not None and source.opcode == "parameter" else None
         if instr.opcode == "bitcast":
             name = instr.operands[0]
             continue
@@ -291,16 +294,30 @@ def _carried_and_updated(name: str, table: dict[str, Instruction], computations:
             by_name = {i.name: i for i in body}
             root = _root(body)
             if root is None or root.opcode not in _IN_PLACE:
-                return False
+                return None
             target = by_name.get(root.operands[0])
             while target is not None and target.opcode == "bitcast":
                 target = by_name.get(target.operands[0])
             if target is None or target.opcode != "parameter":
-                return False
+                return None
             name, updated = instr.operands[int(target.args.strip("()"))], True
             continue
-        return False
-    return False
+        return None
+    return None
+
+
+def _in_place_readers(instrs: list[Instruction], table: dict[str, Instruction],
+                      computations: dict[str, list[Instruction]]) -> dict[str, int]:
+    """For each buffer this computation updates in place (by its source, :func:`_updated_in_place`),
+    how many opaque kernels (custom calls other than cuBLAS) read a version of it."""
+    readers: dict[str, int] = {}
+    for instr in instrs:
+        target = _TARGET.search(instr.attrs) if instr.opcode == "custom-call" else None
+        if target is None or target.group(1).startswith("__cublas$"):
+            continue
+        for source in {_updated_in_place(o, table, computations) for o in instr.operands if o in table} - {None}:
+            readers[source] = readers.get(source, 0) + 1
+    return readers
 
 
 def cost(text: str) -> Cost:
@@ -315,6 +332,7 @@ def cost(text: str) -> Cost:
         if not times:
             continue
         table = {i.name: i for i in instrs}
+        readers = _in_place_readers(instrs, table, computations)
         for instr in instrs:
             kernel = False  # an opaque kernel (Pallas/Triton, cuDNN): it may read only part of an operand
             if instr.opcode == "dot":
@@ -341,8 +359,9 @@ def cost(text: str) -> Cost:
                     if o not in table:
                         continue
                     size = shape_bytes(table[o].shape)
-                    if kernel and trips.get(comp, 1) > 1 and _carried_and_updated(o, table, computations):
-                        size /= trips[comp]  # a kernel handed a stacked buffer the loop carries reads its share per trip
+                    source = _updated_in_place(o, table, computations) if kernel else None
+                    if source is not None:  # the kernels reading this buffer read it once per step between them
+                        size /= readers[source] * trips.get(comp, 1)
                     inputs += size
                 traffic += times * (inputs + shape_bytes(instr.shape))
     return Cost(flops, traffic, tuple(sorted(opaque)), unknown)

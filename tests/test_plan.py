@@ -392,3 +392,44 @@ ENTRY %main (pool: bf16[8,16,64], idx: s32[2,1], new: bf16[2,16,64]) -> bf16[8,1
     kernel = pool / 4 + idx + out  # one layer's share of the carried pool, the indices, its result
     assert cost.bytes_accessed == pytest.approx(4 * (scatter + kernel))
     assert cost.opaque_custom_calls == ("__gpu$xla.gpu.triton",)
+
+
+def test_kernels_reading_a_pool_unrolled_layers_update_count_it_once_between_them():
+    """Decoding runs the layers unrolled (jaxlm.decoding_weights): each layer writes its tokens
+    into the pool in place and hands the new version to its decode kernel. The kernels read the
+    pool once per step between them (each its own layer's pages), not once each. Bytes by hand."""
+    text = """HloModule m
+
+%fused_scatter (p0: bf16[8,16,64], p1: s32[2,1], p2: bf16[2,16,64]) -> bf16[8,16,64] {
+  %p0 = bf16[8,16,64]{2,1,0} parameter(0)
+  %p1 = s32[2,1]{1,0} parameter(1)
+  %p2 = bf16[2,16,64]{2,1,0} parameter(2)
+  ROOT %s = bf16[8,16,64]{2,1,0} scatter(%p0, %p1, %p2), update_window_dims={1,2}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %c = bf16[] add(%a, %b)
+}
+
+ENTRY %main (pool: bf16[8,16,64], idx: s32[2,1], new: bf16[2,16,64]) -> bf16[8,16,64] {
+  %pool = bf16[8,16,64]{2,1,0} parameter(0)
+  %idx = s32[2,1]{1,0} parameter(1)
+  %new = bf16[2,16,64]{2,1,0} parameter(2)
+  %w0 = bf16[8,16,64]{2,1,0} fusion(%pool, %idx, %new), kind=kInput, calls=%fused_scatter
+  %f0 = bf16[128,64]{1,0} bitcast(%w0)
+  %o0 = bf16[2,64]{1,0} custom-call(%f0, %idx), custom_call_target="__gpu$xla.gpu.triton"
+  %w1 = bf16[8,16,64]{2,1,0} fusion(%w0, %idx, %new), kind=kInput, calls=%fused_scatter
+  %o1 = bf16[2,64]{1,0} custom-call(%w1, %idx), custom_call_target="__gpu$xla.gpu.triton"
+  %w2 = bf16[8,16,64]{2,1,0} fusion(%w1, %idx, %new), kind=kInput, calls=%fused_scatter
+  %f2 = bf16[128,64]{1,0} bitcast(%w2)
+  %o2 = bf16[2,64]{1,0} custom-call(%f2, %idx, %pool), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %w3 = bf16[8,16,64]{2,1,0} fusion(%w2, %idx, %new), kind=kInput, calls=%fused_scatter
+}
+"""
+    cost = hlo_stats.cost(text)
+    pool, idx, update, out = 8 * 16 * 64 * 2, 2 * 4, 2 * 16 * 64 * 2, 2 * 64 * 2
+    scatter = idx + update + update  # reads the indices and the update, writes the update in place
+    kernels = pool + 3 * (idx + out) + pool  # three layers' shares of the pool; the last also reads the old pool whole
+    assert cost.bytes_accessed == pytest.approx(4 * scatter + kernels)
