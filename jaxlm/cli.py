@@ -100,7 +100,7 @@ def _serve(args: argparse.Namespace) -> None:
         )
     except ValueError as e:
         raise jaxlm.ConfigError(str(e)) from None
-    del model  # the engine holds the weights in the compute dtype (decoding_placement): free the restored ones
+    del model  # the engine holds its own copy of the weights, laid out for decoding: free the restored ones
     engine.warmup()
 
     def ready(address):

@@ -13,8 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from jaxlm.cache import init_cache
@@ -23,8 +22,8 @@ from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
 from jaxlm.metrics import memory_capacity
 from jaxlm.detokenize import decode_continuation
-from jaxlm.model import Transformer, in_compute_dtype
-from sharding.mesh import fold_sequence_axis
+from jaxlm.decoding_weights import decoding_model, decoding_placement
+from jaxlm.model import Transformer
 from sharding.rules import LOGICAL_RULES, mesh_axis_size
 
 _BUCKET = 16  # prompt and cache lengths are rounded up to this, to reuse compiled programs
@@ -95,8 +94,9 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top
     return jax.lax.cond(jnp.all(is_greedy), lambda: greedy, draw)
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_len"))
-def _generate(model, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos, *, max_new_tokens, cache_len):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "cache_len"))
+def _generate(graphdef, weights, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos, *, max_new_tokens, cache_len):
+    model = decoding_model(graphdef, weights)
     B, T = tokens_BxT.shape
     cache = init_cache(model.cfg, B, cache_len)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -122,27 +122,6 @@ def _generate(model, tokens_BxT, lengths_B, rng, temperature, top_k, top_p, eos,
 
     carry = (jnp.int32(0), token, cache, rng, out, done)
     return jax.lax.while_loop(cond, body, carry)[4]
-
-
-def model_mesh(model: Transformer) -> Mesh | None:
-    """The mesh the model's parameters live on, or None for a single-device model."""
-    sharding = getattr(model.embed[...], "sharding", None)
-    return sharding.mesh if isinstance(sharding, NamedSharding) else None
-
-
-def decoding_placement(model: Transformer, mesh: Mesh | None = None) -> tuple[Transformer, Mesh | None]:
-    """``(model, mesh)`` to decode on: ``mesh`` (default: the model's own) with any sequence axis
-    folded into ``data`` (one new token per step cannot be split along the sequence), and the
-    parameters placed on it. Folding keeps every device's shards, so the placement moves nothing.
-    The model's matrices come in its compute dtype (:func:`jaxlm.model.in_compute_dtype`: the same
-    outputs, half the weight memory and less traffic per step under bfloat16 compute with float32 weights)."""
-    mesh = model_mesh(model) if mesh is None else mesh
-    graphdef, state = nnx.split(model)
-    state = in_compute_dtype(state, model.cfg.compute_dtype)
-    if mesh is not None and fold_sequence_axis(mesh) is not mesh:
-        mesh = fold_sequence_axis(mesh)
-        state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
-    return nnx.merge(graphdef, state), mesh
 
 
 def _round_up(n: int, m: int) -> int:
@@ -186,13 +165,14 @@ def generate_tokens(
     of the EOS set ``eos_token_id`` (one id or several, as transformers' ``generate`` takes it) or of
     ``stop_token_ids`` (the stopping id is kept). ``ignore_eos`` disregards the EOS set.
 
-    Runs on ``mesh``, by default the mesh the model's parameters live on.
+    Runs on ``mesh``, by default the mesh the model's parameters live on, with the weights laid
+    out for decoding (:mod:`jaxlm.decoding_weights`: a copy of the layers' weights for the call).
     """
     stop = stop_ids(eos_token_id, stop_token_ids, ignore_eos)
     stop += (-1,) * (_round_up(len(stop) + 1, 8) - len(stop))  # a few shapes, so few compiled programs
-    model, mesh = decoding_placement(model, mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    graphdef, weights, mesh = decoding_placement(model, mesh)
     n = len(prompts)
     batch = n
     if mesh is not None:  # the batch is split over the data-parallel axes: pad it to fit
@@ -206,7 +186,7 @@ def generate_tokens(
     cache_len = _round_up(T + cfg.max_new_tokens, _BUCKET)
     _check_cache_fits(model.cfg, batch, cache_len, mesh)
     args = (
-        model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
+        graphdef, weights, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
         jnp.float32(cfg.temperature), jnp.int32(cfg.top_k), jnp.float32(cfg.top_p),
         jnp.asarray(stop, jnp.int32),
     )

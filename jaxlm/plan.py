@@ -52,11 +52,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlm.build import abstract_model, state_shardings
 from jaxlm.cache import PAGED_CACHE_AXES
 from jaxlm.config import Config, ConfigError
+from jaxlm.decoding_weights import for_decoding
 from jaxlm.hlo_stats import CollectiveStat, collectives, cost
 from jaxlm.metrics import count_params, model_flops_per_token
-from jaxlm.model import in_compute_dtype
 from jaxlm.precision import LossScale
-from sharding.mesh import fold_sequence_axis, make_compile_only_mesh
+from sharding.mesh import decoding_mesh, make_compile_only_mesh
 from sharding.rules import LOGICAL_RULES, logical_sharding, logical_spec, mesh_axis_size
 from sharding.targets import get_target, topology_name
 
@@ -317,11 +317,11 @@ def plan_decode(
     from jaxlm.serve.request import MAX_STOP_TOKEN_IDS
     from jaxlm.serve.sampling import SamplingRows
 
-    mesh = fold_sequence_axis(mesh)
+    mesh = decoding_mesh(mesh)
     m = cfg.model
     graphdef, abstract = abstract_model(m)
-    # the weights as the engine holds them (jaxlm.generate.decoding_placement)
-    params = in_compute_dtype(_abstract(abstract, state_shardings(abstract, mesh)), m.compute_dtype)
+    # the weights as the engine holds them (jaxlm.decoding_weights)
+    graphdef, params = for_decoding(graphdef, _abstract(abstract, state_shardings(abstract, mesh)))
     rows = _round_up(batch, mesh_axis_size(mesh, LOGICAL_RULES["batch"]))
     pages_per_seq = -(-context // page_size)
     num_pages = rows * pages_per_seq + 1  # + the engine's scratch page

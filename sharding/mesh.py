@@ -120,15 +120,19 @@ def make_compile_only_mesh(cfg: MeshConfig, target: str, topology: str = "1x8") 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
-def fold_sequence_axis(mesh: Mesh) -> Mesh:
-    """The same devices with the ``sequence`` axis folded into ``data`` (for decoding).
+def decoding_mesh(mesh: Mesh) -> Mesh:
+    """The same devices laid out for decoding: the ``sequence`` axis folded into ``data`` and the
+    ``stage`` axis into ``fsdp``.
 
-    Decoding feeds one token per step, which cannot be split along the sequence. Parameters are
-    never split over ``sequence``, so every device keeps exactly the shards it holds.
+    Decoding feeds one token per step, which cannot be split along the sequence; parameters are
+    never split over ``sequence``, so folding it keeps every device's shards. Decoding runs the
+    layers one after another on every device (:mod:`jaxlm.decoding_weights` holds each layer's
+    weights as arrays of their own), so pipeline stages become more ``fsdp`` shards of each
+    layer: the same bytes per device, moved once when the weights are placed.
     """
     shape = dict(mesh.shape)
-    if shape.get("sequence", 1) == 1:
+    if shape.get("sequence", 1) == 1 and shape.get("stage", 1) == 1:
         return mesh
     p, d, f, s, t = (shape[a] for a in MESH_AXES)
-    devices = np.asarray(mesh.devices).transpose(0, 1, 3, 2, 4).reshape(p, d * s, f, 1, t)
+    devices = np.asarray(mesh.devices).transpose(1, 3, 0, 2, 4).reshape(1, d * s, p * f, 1, t)
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,5 +1,7 @@
 """Decoding: the cached loop equals recomputing from scratch; sampling filters do what they say."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,11 +112,11 @@ def test_generation_runs_on_the_models_own_mesh(model, devices):
     from flax import nnx
 
     from jaxlm.build import state_shardings
-    from jaxlm.generate import model_mesh
+    from jaxlm.decoding_weights import decoding_placement
 
     mesh = make_mesh(MeshConfig(fsdp=4, tensor=2), devices)
     sharded = nnx.merge(nnx.graphdef(model), jax.device_put(nnx.state(model), state_shardings(nnx.state(model), mesh)))
-    assert model_mesh(model) is None and model_mesh(sharded) is mesh
+    assert decoding_placement(model)[2] is None and decoding_placement(sharded)[2] is mesh
     assert generate_tokens(sharded, PROMPTS, GREEDY) == generate_tokens(model, PROMPTS, GREEDY)
 
 
@@ -210,33 +212,44 @@ def test_text_generation_refuses_a_tokenizer_that_is_not_the_models():
         generate(other, ["ROMEO:"], GREEDY, tokenizer=load_tokenizer())
 
 
-def test_decoding_holds_the_matrices_in_the_compute_dtype_with_the_same_logits(devices):
-    """float32 weights under bfloat16 compute: the decoding placement (the engine's and generate's)
-    casts the embedding, the projections, their biases and the head, keeps the norm scales in float32
-    and every shard where it was; the logits are bit for bit the float32-weight model's."""
+def test_decoding_holds_the_matrices_in_the_compute_dtype_and_each_layer_apart_with_the_same_logits(devices):
+    """float32 weights under bfloat16 compute: the decoding layout (the engine's and generate's)
+    casts the embedding, the projections, their biases and the head, keeps the norm scales in
+    float32, splits each stacked weight into one array per layer sharded as its slice of the stack
+    was; the model rebuilt from it inside a compiled step gives the float32-weight model's logits
+    bit for bit."""
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxlm.generate import decoding_placement
+    from jaxlm.decoding_weights import decoding_model, decoding_placement
 
     mesh = make_mesh(MeshConfig(fsdp=2, tensor=2), devices[:4])
     cfg = tiny_config("model.init_std=0.2", "model.compute_dtype=bfloat16", "model.qkv_bias=true",
                       "model.tie_embeddings=false").model
     model = build_model(cfg, mesh, seed=3)
-    placed, _ = decoding_placement(model)
-    before = jax.tree_util.tree_leaves_with_path(nnx.split(model)[1])
-    after = jax.tree.leaves(nnx.split(placed)[1])
+    graphdef, (rest, layers), placed_mesh = decoding_placement(model)
+    assert placed_mesh is mesh and len(layers) == cfg.num_layers >= 2
+    at = lambda tree, keys: functools.reduce(lambda t, k: t[k], keys, tree)[...]  # noqa: E731
     cast = set()
-    for (path, old), new in zip(before, after, strict=True):
-        name = path[-2].key
-        assert old.dtype == jnp.float32 and new.sharding == old.sharding, name
-        if new.dtype == jnp.bfloat16:
-            cast.add(name)
-            assert jnp.array_equal(new, old.astype(jnp.bfloat16)), name
+    for path, old in jax.tree_util.tree_leaves_with_path(nnx.split(model)[1]):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = keys[-1]
+        if keys[0] == "blocks":
+            news, olds = [at(layer, keys[1:]) for layer in layers], [old[i] for i in range(cfg.num_layers)]
+            spec = PartitionSpec(*old.sharding.spec[1:])
         else:
-            assert new.dtype == jnp.float32 and jnp.array_equal(new, old), name
+            news, olds, spec = [at(rest, keys)], [old], old.sharding.spec
+        assert old.dtype == jnp.float32, name
+        for new, o in zip(news, olds, strict=True):
+            assert new.sharding.is_equivalent_to(NamedSharding(mesh, spec), new.ndim), name
+            if new.dtype == jnp.bfloat16:
+                cast.add(name)
+                assert jnp.array_equal(new, o.astype(jnp.bfloat16)), name
+            else:
+                assert new.dtype == jnp.float32 and jnp.array_equal(new, o), name
     assert cast == {"embed", "lm_head", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "w_gate", "w_up", "w_down"}
     tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    forward = jax.jit(lambda m: m(tokens, positions)[0])
     with jax.set_mesh(mesh):
-        assert jnp.array_equal(forward(placed), forward(model))
+        decoded = jax.jit(lambda w: decoding_model(graphdef, w)(tokens, positions)[0])((rest, layers))
+        assert jnp.array_equal(decoded, jax.jit(lambda m: m(tokens, positions)[0])(model))

@@ -38,12 +38,12 @@ from typing import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.cache import PAGED_CACHE_AXES, PagedKVCache, init_paged_pools
 from jaxlm.detokenize import IncrementalDetokenizer
-from jaxlm.generate import decoding_placement, kv_bytes_per_token, stop_ids
+from jaxlm.decoding_weights import decoding_model, decoding_placement
+from jaxlm.generate import kv_bytes_per_token, stop_ids
 from jaxlm.metrics import memory_capacity
 from jaxlm.model import Transformer
 from jaxlm.serve.allocator import SCRATCH_PAGE, PageAllocator
@@ -57,7 +57,7 @@ from sharding.rules import LOGICAL_RULES, constrain, logical_spec, mesh_axis_siz
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
-def _forward_and_sample(graphdef, score: bool, state, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP,
+def _forward_and_sample(graphdef, score: bool, weights, k_pool, v_pool, tokens_BxT, positions_BxT, page_table_BxP,
                         last_B, targets_BxT, seeds_B, counters_B, *sampling):
     """One model call over the paged cache, then each row samples from its token ``last_B``
     (:func:`jaxlm.serve.sampling.sample_rows`, ``sampling`` its remaining arguments).
@@ -66,7 +66,7 @@ def _forward_and_sample(graphdef, score: bool, state, k_pool, v_pool, tokens_BxT
     with ``score`` (a third program, compiled when a request asks for prompt log-probabilities) the
     first tuple also holds :func:`jaxlm.serve.sampling.score_tokens` of ``targets_BxT``.
     """
-    model = nnx.merge(graphdef, state)
+    model = decoding_model(graphdef, weights)
     logits, cache = model(tokens_BxT, positions_BxT, PagedKVCache(k_pool, v_pool, page_table_BxP))
     last_BxV = jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_B, counters_B)
@@ -98,9 +98,9 @@ class Engine:
     feeds per step; ``prefill_batch``: sequences prefilled per step (both rounded up to fit the
     mesh's data-parallel axes). ``tokenizer`` lets requests carry text and outputs have text;
     ``eos_token_id`` (one id or the model's EOS set, :func:`jaxlm.interop.eos.eos_token_ids`) ends a sequence.
-    Runs on ``mesh``, by default the mesh the model's parameters live on, with the model's matrices
-    in its compute dtype (:func:`jaxlm.generate.decoding_placement`; a copy when they are stored in
-    another, so a caller that keeps ``model`` holds both).
+    Runs on ``mesh``, by default the mesh the model's parameters live on, with the weights laid out
+    for decoding (:mod:`jaxlm.decoding_weights`: the matrices in the compute dtype, each layer's
+    weights as arrays of their own; a copy, so a caller that keeps ``model`` holds both).
 
     Prefix caching (``enable_prefix_caching``, on by default) reuses full pages across requests
     whose token ids agree from the start; ``extra_key`` names whatever else changes the keys and
@@ -142,7 +142,7 @@ class Engine:
         if host_kv_gib * 2**30 > host_bytes:
             raise ValueError(f"host_kv_gib={host_kv_gib:g} exceeds this machine's {host_bytes / 2**30:.3g} GiB of memory; "
                              f"lower --host-kv-gib")
-        model, mesh = decoding_placement(model, mesh)
+        graphdef, weights, mesh = decoding_placement(model, mesh)
         self.mesh = mesh
         rows = 1 if mesh is None else mesh_axis_size(mesh, LOGICAL_RULES["batch"])
         self.cfg = model.cfg
@@ -170,7 +170,7 @@ class Engine:
         self._device = device
         self.metrics = EngineMetrics(clock)
         self._clock = clock
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._weights = graphdef, weights
         self._empty_cache(num_pages)
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._slots: list[RequestState | None] = [None] * self.max_batch
@@ -418,7 +418,7 @@ class Engine:
             last[r] = n - 1
             banned = seq.stop_ids if len(seq.generated) < seq.request.min_tokens else ()
             sampling.set(r, seq.seed, seq.generated, seq.knobs, banned, seq.logprobs is not None)
-        args = (self._graphdef, score, self._state, self._k_pool, self._v_pool, *map(jnp.asarray, (
+        args = (self._graphdef, score, self._weights, self._k_pool, self._v_pool, *map(jnp.asarray, (
             tokens, positions, table, last, targets, *sampling.arrays())))
         out, self._k_pool, self._v_pool = self._on_mesh(_forward_and_sample, *args)
         return tuple(np.asarray(a) for a in jax.device_get(out))
