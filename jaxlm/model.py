@@ -284,12 +284,13 @@ class Transformer(nnx.Module):
                 return (x, carried), out
 
             (x, carried), per_layer = jax.lax.scan(body, (x, carried), (stacked, per_layer))
-        else:  # a contiguous cache's layers are written back in place: stacking them anew copies the cache
+        else:
+            outs = []
             for i in range(cfg.num_layers):
                 params_i, per_i = jax.tree.map(lambda a: a[i], (stacked, per_layer))
                 x, carried, kv_i = layer_step(x, carried, params_i, per_i)
-                if not paged and cache is not None:
-                    per_layer = jax.tree.map(lambda a, new: a.at[i].set(new), per_layer, kv_i)
+                outs.append(kv_i)
+            per_layer = None if paged or cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         x = self.final_norm(x)
         if cfg.tie_embeddings:  # contract the embedding's own rows: a transposed copy of it costs a read and write per call
