@@ -318,20 +318,28 @@ def _check_bounds(cfg: Config) -> None:
     sections = [(s.name, getattr(cfg, s.name)) for s in dataclasses.fields(cfg)]
     sections.append(("train.lora", cfg.train.lora))  # the one nested section
     for name, values in sections:
-        hints = typing.get_type_hints(type(values), include_extras=True)
-        for f in dataclasses.fields(values):
-            typ, value, key = hints[f.name], getattr(values, f.name), f"{name}.{f.name}"
-            base = _base_type(typ)
-            if base not in (int, float):
-                continue
-            bounds = next((b for b in typing.get_args(typ)[1:] if isinstance(b, Bounds)), Bounds())
-            allowed = bounds.describe() if bounds != Bounds() else "a number"
-            if base is float and not math.isfinite(value):
-                raise ConfigError(f"config key '{key}' must be a finite number ({allowed}), got {value}")
-            if base is int and abs(value) > INT_MAX:
-                raise ConfigError(f"config key '{key}' is {value}, too large to allocate; it must be at most {INT_MAX}")
-            if not bounds.holds(value):
-                raise ConfigError(f"config key '{key}' must be {allowed}, got {value}")
+        check_section(name, values)
+
+
+def check_section(name: str, values: Any) -> None:
+    """One config section's numeric fields against their :class:`Bounds` (ConfigError naming the
+    key ``name.field``): for sections built in code, as ``DecodeConfig(...)`` handed to ``generate``."""
+    hints = typing.get_type_hints(type(values), include_extras=True)
+    for f in dataclasses.fields(values):
+        typ, value, key = hints[f.name], getattr(values, f.name), f"{name}.{f.name}"
+        base = _base_type(typ)
+        if base not in (int, float):
+            continue
+        bounds = next((b for b in typing.get_args(typ)[1:] if isinstance(b, Bounds)), Bounds())
+        allowed = bounds.describe() if bounds != Bounds() else "a number"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number ({allowed}), got {value!r}")
+        if base is float and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number ({allowed}), got {value}")
+        if base is int and abs(value) > INT_MAX:
+            raise ConfigError(f"config key '{key}' is {value}, too large to allocate; it must be at most {INT_MAX}")
+        if not bounds.holds(value):
+            raise ConfigError(f"config key '{key}' must be {allowed}, got {value}")
 
 
 def validate(cfg: Config) -> Config:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm.build import state_shardings
 from jaxlm.model import Transformer, in_compute_dtype
 from sharding.mesh import decoding_mesh
 
@@ -39,15 +40,18 @@ def decoding_placement(model: Transformer, mesh: Mesh | None = None) -> tuple[nn
     """``(graphdef, weights, mesh)`` to decode with (:func:`decoding_model` rebuilds the model from
     the first two inside a compiled step): ``mesh`` (default: the one the model's parameters live
     on) as :func:`sharding.mesh.decoding_mesh` folds it, the weights placed on it as
-    :func:`for_decoding` lays them out. Folding keeps every device's shards unless the mesh has
-    pipeline stages (each layer's weights then spread over the devices of every stage)."""
+    :func:`for_decoding` lays them out. Weights on another mesh (or on one device) are placed as the
+    sharding rules say; folding keeps every device's shards unless the mesh has pipeline stages
+    (each layer's weights then spread over the devices of every stage)."""
     if mesh is None:
         sharding = getattr(model.embed[...], "sharding", None)
         mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
     graphdef, state = nnx.split(model)
-    if mesh is not None and decoding_mesh(mesh) is not mesh:
+    if mesh is not None:
         mesh = decoding_mesh(mesh)
-        state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec)), state)
+        on_mesh = all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh for x in jax.tree.leaves(state))
+        if not on_mesh:  # another mesh (or none): each weight where the sharding rules put it on this one
+            state = jax.device_put(state, state_shardings(state, mesh))
     graphdef, weights = for_decoding(graphdef, state)
     return graphdef, weights, mesh
 

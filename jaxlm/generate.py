@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from jaxlm.cache import init_cache
-from jaxlm.config import ConfigError, DecodeConfig
+from jaxlm.config import ConfigError, DecodeConfig, check_section
 from jaxlm.data import eos_id as tokenizer_eos_id
 from jaxlm.data import load_tokenizer
 from jaxlm.metrics import memory_capacity
@@ -124,6 +124,20 @@ def _generate(graphdef, weights, tokens_BxT, lengths_B, rng, temperature, top_k,
     return jax.lax.while_loop(cond, body, carry)[4]
 
 
+def _check_ids(prompts: Sequence[Sequence[int]], vocab: int) -> None:
+    """ConfigError unless ``prompts`` is a non-empty list of non-empty lists of ids in ``[0, vocab)``."""
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ConfigError("prompts must be a non-empty list of prompts (each a list of token ids)")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ConfigError(f"prompt {i} is text; generate_tokens takes token ids (use generate for text)")
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab)]
+        if bad:
+            raise ConfigError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -139,14 +153,16 @@ def kv_bytes_per_token(cfg) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
 
 
-def _check_cache_fits(cfg, batch: int, cache_len: int, mesh: Mesh | None) -> None:
+def _check_cache_fits(cfg, batch: int, cache_len: int, mesh: Mesh | None, prompts: int | None = None) -> None:
     """ConfigError before anything is allocated when the KV cache of ``batch`` x ``cache_len`` tokens
     (keys and values of every layer, in the compute dtype) exceeds the devices' memory."""
     need = batch * cache_len * kv_bytes_per_token(cfg)
     have = memory_capacity(list(mesh.devices.flat) if mesh is not None else jax.devices()[:1])
     if need > have:
         raise ConfigError(
-            f"a KV cache for {batch} prompts of up to {cache_len} tokens needs {need / 2**30:.3g} GiB but the devices "
+            f"a KV cache for {batch} prompts"
+            + (f" ({prompts} padded to a multiple of the mesh's data-parallel size)" if prompts not in (None, batch) else "")
+            + f" of up to {cache_len} tokens needs {need / 2**30:.3g} GiB but the devices "
             f"hold {have / 2**30:.3g} GiB; lower --max-new-tokens (decode.max_new_tokens) or the number of prompts"
         )
 
@@ -168,10 +184,13 @@ def generate_tokens(
     Runs on ``mesh``, by default the mesh the model's parameters live on, with the weights laid
     out for decoding (:mod:`jaxlm.decoding_weights`: a copy of the layers' weights for the call).
     """
+    _check_ids(prompts, model.cfg.vocab_size)
+    check_section("decode", cfg)
     stop = stop_ids(eos_token_id, stop_token_ids, ignore_eos)
+    bad = [t for t in stop if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+        raise ConfigError(f"stop/EOS token id {bad[0]} is outside the vocabulary [0, {model.cfg.vocab_size})")
     stop += (-1,) * (_round_up(len(stop) + 1, 8) - len(stop))  # a few shapes, so few compiled programs
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token")
     graphdef, weights, mesh = decoding_placement(model, mesh)
     n = len(prompts)
     batch = n
@@ -184,7 +203,7 @@ def generate_tokens(
         p = prompts[min(i, n - 1)]
         tokens[i, : len(p)] = p
     cache_len = _round_up(T + cfg.max_new_tokens, _BUCKET)
-    _check_cache_fits(model.cfg, batch, cache_len, mesh)
+    _check_cache_fits(model.cfg, batch, cache_len, mesh, n)
     args = (
         graphdef, weights, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(cfg.seed),
         jnp.float32(cfg.temperature), jnp.int32(cfg.top_k), jnp.float32(cfg.top_p),
@@ -230,6 +249,8 @@ def generate(
     elif tokenizer.get_vocab_size() > vocab:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model only {vocab} embeddings; "
                           "pass the model's own tokenizer (jaxlm.load_tokenizer(cfg.data.tokenizer_path))")
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("prompts must be a list of strings, e.g. generate(model, [\"ROMEO:\"])")
     ids = [tokenizer.encode(p).ids for p in prompts]
     eos = tokenizer_eos_id(tokenizer) if eos_token_id is None else eos_token_id
     stop = stop_ids(eos, stop_token_ids, ignore_eos)

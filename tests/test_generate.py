@@ -253,3 +253,45 @@ def test_decoding_holds_the_matrices_in_the_compute_dtype_and_each_layer_apart_w
     with jax.set_mesh(mesh):
         decoded = jax.jit(lambda w: decoding_model(graphdef, w)(tokens, positions)[0])((rest, layers))
         assert jnp.array_equal(decoded, jax.jit(lambda m: m(tokens, positions)[0])(model))
+
+
+@pytest.mark.parametrize("prompts, cfg, kwargs, message", [
+    ([[5, 4096]], GREEDY, {}, r"prompt 0: token id 4096 is outside the vocabulary \[0, 4096\)"),
+    ([[5], [7, -1]], GREEDY, {}, r"prompt 1: token id -1 is outside the vocabulary"),
+    ([[5], []], GREEDY, {}, "prompt 1 is empty; every prompt needs at least one token"),
+    ([], GREEDY, {}, "prompts must be a non-empty list of prompts"),
+    ("ROMEO", GREEDY, {}, "prompts must be a non-empty list of prompts"),
+    (["ROMEO"], GREEDY, {}, "prompt 0 is text; generate_tokens takes token ids"),
+    ([[5]], DecodeConfig(max_new_tokens=0), {}, "config key 'decode.max_new_tokens' must be positive, got 0"),
+    ([[5]], DecodeConfig(max_new_tokens=-1), {}, "config key 'decode.max_new_tokens' must be positive, got -1"),
+    ([[5]], DecodeConfig(temperature=float("nan")), {}, "config key 'decode.temperature' must be a finite number"),
+    ([[5]], DecodeConfig(temperature=-1.0), {}, "config key 'decode.temperature' must be >= 0, got -1"),
+    ([[5]], DecodeConfig(top_k=-5), {}, "config key 'decode.top_k' must be >= 0, got -5"),
+    ([[5]], DecodeConfig(top_p=0.0), {}, r"config key 'decode.top_p' must be in \(0, 1\], got 0"),
+    ([[5]], GREEDY, {"eos_token_id": 10**12}, "stop/EOS token id 1000000000000 is outside the vocabulary"),
+    ([[5]], GREEDY, {"stop_token_ids": [4096]}, "stop/EOS token id 4096 is outside the vocabulary"),
+])
+def test_bad_generate_tokens_input_is_one_line(model, prompts, cfg, kwargs, message):
+    """What the engine refuses per request, generate_tokens refuses per call, before any compile."""
+    from jaxlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        generate_tokens(model, prompts, cfg, **kwargs)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match="prompts must be a list of strings"):
+        generate(model, "ROMEO:", GREEDY)
+
+
+def test_an_unsharded_model_decodes_on_a_mesh_it_is_handed(model, devices):
+    """mesh= places a single-device model's weights as the sharding rules say (pipeline stages
+    folded into fsdp for decoding) and decodes the same tokens, through generate_tokens and the engine."""
+    from jaxlm.serve.engine import Engine
+    from jaxlm.serve.request import Request
+
+    mesh = make_mesh(MeshConfig(stage=2, fsdp=2, tensor=2), devices)
+    expected = generate_tokens(model, PROMPTS, GREEDY)
+    assert generate_tokens(model, PROMPTS, GREEDY, mesh=mesh) == expected
+    engine = Engine(model, num_pages=16, page_size=16, max_batch=2, max_context=64, mesh=mesh)
+    assert engine.mesh.shape["stage"] == 1 and engine.mesh.shape["fsdp"] == 4
+    outs = engine.generate([Request(p, max_tokens=GREEDY.max_new_tokens, temperature=0.0) for p in PROMPTS])
+    assert [o.token_ids for o in outs] == expected
