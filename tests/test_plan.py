@@ -339,14 +339,8 @@ ENTRY %main (x: bf16[16,64], ws: bf16[4,64,32]) -> bf16[16,64] {
     assert cost.bytes_accessed == 4 * (slice_fusion + gemm)
 
 
-def test_a_kernel_reading_a_pool_the_layer_loop_carries_counts_its_share_per_layer():
-    """The serving engine's layer loop carries the KV pools of every layer whole, writes each
-    layer's new tokens in place (a scatter fusion) and hands the pool to the decode kernel, which
-    reads that layer's pages: the kernel counts one layer's share of the pool per trip; the scatter
-    counts only its update. Bytes by hand."""
-    text = """HloModule m
-
-%fused_scatter (p0: bf16[8,16,64], p1: s32[2,1], p2: bf16[2,16,64]) -> bf16[8,16,64] {
+# a fusion writing two rows into a [8, 16, 64] pool in place (the KV pools' per-layer write)
+_SCATTER_INTO_POOL = """%fused_scatter (p0: bf16[8,16,64], p1: s32[2,1], p2: bf16[2,16,64]) -> bf16[8,16,64] {
   %p0 = bf16[8,16,64]{2,1,0} parameter(0)
   %p1 = s32[2,1]{1,0} parameter(1)
   %p2 = bf16[2,16,64]{2,1,0} parameter(2)
@@ -358,7 +352,17 @@ def test_a_kernel_reading_a_pool_the_layer_loop_carries_counts_its_share_per_lay
   %b = bf16[] parameter(1)
   ROOT %c = bf16[] add(%a, %b)
 }
+"""
 
+
+def test_a_kernel_reading_a_pool_the_layer_loop_carries_counts_its_share_per_layer():
+    """The serving engine's layer loop carries the KV pools of every layer whole, writes each
+    layer's new tokens in place (a scatter fusion) and hands the pool to the decode kernel, which
+    reads that layer's pages: the kernel counts one layer's share of the pool per trip; the scatter
+    counts only its update. Bytes by hand."""
+    text = """HloModule m
+
+""" + _SCATTER_INTO_POOL + """
 %body (t: (s32[], bf16[8,16,64], s32[2,1], bf16[2,16,64])) -> (s32[], bf16[8,16,64], s32[2,1], bf16[2,16,64]) {
   %t = (s32[], bf16[8,16,64]{2,1,0}, s32[2,1]{1,0}, bf16[2,16,64]{2,1,0}) parameter(0)
   %i = s32[] get-tuple-element(%t), index=0
@@ -400,19 +404,7 @@ def test_kernels_reading_a_pool_unrolled_layers_update_count_it_once_between_the
     pool once per step between them (each its own layer's pages), not once each. Bytes by hand."""
     text = """HloModule m
 
-%fused_scatter (p0: bf16[8,16,64], p1: s32[2,1], p2: bf16[2,16,64]) -> bf16[8,16,64] {
-  %p0 = bf16[8,16,64]{2,1,0} parameter(0)
-  %p1 = s32[2,1]{1,0} parameter(1)
-  %p2 = bf16[2,16,64]{2,1,0} parameter(2)
-  ROOT %s = bf16[8,16,64]{2,1,0} scatter(%p0, %p1, %p2), update_window_dims={1,2}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
-}
-
-%add (a: bf16[], b: bf16[]) -> bf16[] {
-  %a = bf16[] parameter(0)
-  %b = bf16[] parameter(1)
-  ROOT %c = bf16[] add(%a, %b)
-}
-
+""" + _SCATTER_INTO_POOL + """
 ENTRY %main (pool: bf16[8,16,64], idx: s32[2,1], new: bf16[2,16,64]) -> bf16[8,16,64] {
   %pool = bf16[8,16,64]{2,1,0} parameter(0)
   %idx = s32[2,1]{1,0} parameter(1)
