@@ -147,6 +147,8 @@ class DecodePlan:
     compute_bound_batch: float | None  # per model replica; None: memory-bound at any batch at this context
     compute_bound_batch_short: float  # the same for contexts short enough that weights dominate (context -> 0)
     roofline: Roofline
+    requested_batch: int = 0  # the batch asked for (--decode-batch), before rounding
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)  # the decoding mesh (sharding.mesh.decoding_mesh)
 
     @property
     def tokens_per_s(self) -> float:
@@ -352,7 +354,7 @@ def plan_decode(
         program, rows, pages_per_seq * page_size, page_size, num_pages, device_bytes(params), pool_bytes,
         kv_token, kv_token_device, max(0, int(free // (kv_token_device * pages_per_seq * page_size))),
         compute_bound_batch(cfg, context, peak / bandwidth), compute_bound_batch(cfg, 0, peak / bandwidth),
-        _roofline(program, peak, bandwidth, link),
+        _roofline(program, peak, bandwidth, link), batch, dict(mesh.shape),
     )
 
 
@@ -472,9 +474,15 @@ def format_plan(plan: Plan) -> str:
         bound = (f"{d.compute_bound_batch:,.0f} sequences per model replica at {d.context} tokens of context"
                  if d.compute_bound_batch is not None
                  else f"never at {d.context} tokens of context (the KV reads alone keep it memory-bound)")
+        rounded = (f" ({d.requested_batch} rounded up to the decoding mesh's {d.batch}-way batch split)"
+                   if d.requested_batch and d.requested_batch != d.batch else "")
+        folded = ("" if not d.mesh or d.mesh == plan.mesh else
+                  "  mesh              decoding folds sequence into data and stage into fsdp: "
+                  + " ".join(f"{k}={v}" for k, v in d.mesh.items()))
         out += [
-            f"decode step: {d.batch} sequences x {d.context} tokens (paged KV, {d.page_size}-token pages, "
+            f"decode step: {d.batch} sequences{rounded} x {d.context} tokens (paged KV, {d.page_size}-token pages, "
             f"{d.num_pages} pages), compiled in {d.program.compile_seconds:.1f} s",
+            *([folded] if folded else []),
             f"  state             parameters {_gib(d.param_bytes)}, KV pool {_gib(d.kv_pool_bytes)}",
             *_program_lines(plan, d.program), _roofline_line(plan, d.roofline),
             f"  implies           {d.tokens_per_s:,.0f} tokens/s",
