@@ -306,18 +306,28 @@ def _updated_in_place(name: str, table: dict[str, Instruction], computations: di
     return None
 
 
-def _in_place_readers(instrs: list[Instruction], table: dict[str, Instruction],
-                      computations: dict[str, list[Instruction]]) -> dict[str, int]:
-    """For each buffer this computation updates in place (by its source, :func:`_updated_in_place`),
-    how many opaque kernels (custom calls other than cuBLAS) read a version of it."""
-    readers: dict[str, int] = {}
-    for instr in instrs:
-        target = _TARGET.search(instr.attrs) if instr.opcode == "custom-call" else None
-        if target is None or target.group(1).startswith("__cublas$"):
-            continue
-        for source in {_updated_in_place(o, table, computations) for o in instr.operands if o in table} - {None}:
-            readers[source] = readers.get(source, 0) + 1
-    return readers
+def _opaque_kernel(instr: Instruction) -> str | None:
+    """The target of a custom call whose FLOPs and reads the HLO hides (Pallas/Triton, cuDNN; not a
+    cuBLAS gemm), else None."""
+    if instr.opcode != "custom-call":
+        return None
+    target = _TARGET.search(instr.attrs)
+    name = target.group(1) if target else "?"
+    return None if name.startswith("__cublas$") else name
+
+
+def _kernel_shares(instrs: list[Instruction], table: dict[str, Instruction],
+                   computations: dict[str, list[Instruction]]) -> dict[tuple[str, str], int]:
+    """``{(kernel, operand): n}`` for each operand of an opaque kernel that is a buffer this
+    computation updates in place (:func:`_updated_in_place`): ``n`` kernels here read a version of
+    that buffer, so each reads 1/n of it (per trip of the loop around them)."""
+    reads = [(instr.name, o, _updated_in_place(o, table, computations))
+             for instr in instrs if _opaque_kernel(instr) is not None for o in dict.fromkeys(instr.operands) if o in table]
+    reads = [r for r in reads if r[2] is not None]
+    readers: dict[str, set[str]] = {}
+    for kernel, _, source in reads:
+        readers.setdefault(source, set()).add(kernel)
+    return {(kernel, o): len(readers[source]) for kernel, o, source in reads}
 
 
 def cost(text: str) -> Cost:
@@ -332,19 +342,15 @@ def cost(text: str) -> Cost:
         if not times:
             continue
         table = {i.name: i for i in instrs}
-        readers = _in_place_readers(instrs, table, computations)
+        shares = _kernel_shares(instrs, table, computations)
         for instr in instrs:
-            kernel = False  # an opaque kernel (Pallas/Triton, cuDNN): it may read only part of an operand
+            kernel = _opaque_kernel(instr)  # it may read only part of an operand
             if instr.opcode == "dot":
                 flops += times * _dot_flops(instr, table)
-            elif instr.opcode == "custom-call":
-                target = _TARGET.search(instr.attrs)
-                name = target.group(1) if target else "?"
-                if name.startswith("__cublas$"):
-                    flops += times * _gemm_flops(instr, table)
-                else:
-                    opaque.add(name)
-                    kernel = True
+            elif kernel is not None:
+                opaque.add(kernel)
+            elif instr.opcode == "custom-call":  # a cuBLAS gemm
+                flops += times * _gemm_flops(instr, table)
             if comp in fused or instr.opcode in _NO_TRAFFIC:
                 continue
             kind = instr.opcode.removesuffix("-done").removesuffix("-start")
@@ -359,9 +365,8 @@ def cost(text: str) -> Cost:
                     if o not in table:
                         continue
                     size = shape_bytes(table[o].shape)
-                    source = _updated_in_place(o, table, computations) if kernel else None
-                    if source is not None:  # the kernels reading this buffer read it once per step between them
-                        size /= readers[source] * trips.get(comp, 1)
+                    if (instr.name, o) in shares:  # the kernels reading this buffer read it once per step between them
+                        size /= shares[instr.name, o] * trips.get(comp, 1)
                     inputs += size
                 traffic += times * (inputs + shape_bytes(instr.shape))
     return Cost(flops, traffic, tuple(sorted(opaque)), unknown)
