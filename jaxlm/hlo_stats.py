@@ -7,7 +7,9 @@ This module walks the optimised HLO instead and multiplies every computation by 
 times it runs per step (``known_trip_count`` of the loops around it):
 
 * :func:`collectives` - each collective kind (``all-reduce``, ``all-gather``, ``reduce-scatter``,
-  ``all-to-all``, ``collective-permute``, ...): how many run per step and the bytes they span.
+  ``all-to-all``, ``collective-permute``, ...): how many run per step, the bytes they span, the
+  bytes a ring algorithm sends through each device's link for its device groups
+  (:func:`device_groups`), and, given each device's host, whether the groups cross hosts.
 * :func:`cost` - matmul FLOPs (``dot`` instructions, inside fusions too, and cuBLAS gemm custom
   calls: ``2 * prod(result dims) * prod(contracting dims)``) and an estimate of the bytes each
   top-level kernel reads and writes in device memory.
@@ -28,6 +30,8 @@ import json
 import math
 import re
 from typing import Iterator
+
+import numpy as np
 
 _DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
@@ -71,6 +75,10 @@ class CollectiveStat:
     kind: str  # all-reduce | all-gather | reduce-scatter | all-to-all | collective-permute | ...
     count: int  # times it runs per step (loops unrolled by their trip counts)
     bytes: int  # per device per step: for each run, the larger of its operands and its results
+    # per device per step: the bytes a ring algorithm sends over each device's link, ``bytes``
+    # times (n - 1) / n for a group of n (all-reduce: 2 (n - 1) / n; collective-permute: 1)
+    link_bytes: float = 0.0
+    across_hosts: bool = False  # its device groups span more than one host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,11 +194,75 @@ def run_counts(computations: dict[str, list[Instruction]], entry: str,
     return counts, fused, unknown
 
 
-def collectives(text: str) -> list[CollectiveStat]:
-    """Collectives per step, one row per kind that occurs (see :class:`CollectiveStat`)."""
+_GROUPS_LIST = re.compile(r"\b(?:replica_groups|source_target_pairs)=\{((?:\{[0-9,]*\},?)*)\}")
+_GROUPS_IOTA = re.compile(r"\breplica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
+_GROUPS_MESH = re.compile(
+    r"\breplica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?\s*\{([^}]*)\}")
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """XLA's iota tile ``[dims]T(perm)``: ``arange`` over ``dims``, transposed by ``perm``, flattened."""
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return (ids.transpose([int(p) for p in perm.split(",")]) if perm else ids).ravel()
+
+
+def device_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
+    """The device groups a collective's attributes name: ``replica_groups={{0,1},{2,3}}``, the
+    iota form ``replica_groups=[2,4]<=[4,2]T(1,0)`` (an iota over the second shape, transposed,
+    reshaped to groups), the mesh form ``replica_groups=mesh['a'=4,'b'=2] {'a'}`` (ids laid out
+    row-major over the named axes, or in the order of an iota ``device_ids=([2,4]T(1,0))``; a
+    group along the braced axes), ``replica_groups={}`` (one
+    group of all ``num_devices``; None if that is 0, unknown), or a
+    collective-permute's ``source_target_pairs`` (each pair a group). None if it names none.
+    Ids are the program's device ids (its device assignment: a mesh's devices in ``.flat`` order)."""
+    iota = _GROUPS_IOTA.search(attrs)
+    if iota:
+        size = int(iota.group(1).split(",")[-1])
+        return _iota(iota.group(2), iota.group(3)).reshape(-1, size).tolist()
+    mesh = _GROUPS_MESH.search(attrs)
+    if mesh:
+        axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        along = re.findall(r"'([^']+)'", mesh.group(4))
+        names = [a for a, _ in axes]
+        if not axes or not along or any(a not in names for a in along) or re.search(r"[:(]", mesh.group(4)):
+            return None  # sub-axes or a form not read here: priced as unknown
+        shape = [int(n) for _, n in axes]
+        order = _iota(mesh.group(2), mesh.group(3)) if mesh.group(2) else np.arange(math.prod(shape))
+        if order.size != math.prod(shape):
+            return None
+        ids = order.reshape(shape)
+        kept = [names.index(a) for a in along]
+        order = [i for i in range(len(names)) if i not in kept] + kept
+        size = math.prod(ids.shape[i] for i in kept)
+        return ids.transpose(order).reshape(-1, size).tolist()
+    listed = _GROUPS_LIST.search(attrs)
+    if listed is None:
+        return None
+    groups = [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([0-9,]*)\}", listed.group(1))]
+    groups = [g for g in groups if g]
+    return groups or ([list(range(num_devices))] if num_devices else None)
+
+
+def _link_factor(kind: str, group: int) -> float:
+    """Bytes over each device's link per byte a collective spans, for ring algorithms over
+    ``group`` > 1 devices (all-gather and reduce-scatter pass (n - 1) / n of the whole buffer
+    through each device, all-reduce is both, a permute sends its buffer once)."""
+    if kind == "collective-permute":
+        return 1.0
+    share = (group - 1) / group
+    return 2.0 * share if kind == "all-reduce" else share
+
+
+def collectives(text: str, hosts: list[int] | None = None) -> list[CollectiveStat]:
+    """Collectives per step, one row per kind (and, given ``hosts``, per whether they cross hosts):
+    see :class:`CollectiveStat`. ``hosts[i]``: the host of device id ``i`` (the program's device
+    assignment); without it every group counts as within one host. A collective whose groups the
+    text does not name is priced as the largest group (factor 1, all-reduce 2)."""
     computations, entry = parse_module(text)
     counts, _, _ = run_counts(computations, entry)
-    found: dict[str, list[int]] = {}
+    num_devices = len(hosts) if hosts else 0
+    found: dict[tuple[str, bool], list[float]] = {}
     for comp, instrs in computations.items():
         times = counts.get(comp, 0)
         table = {i.name: i for i in instrs}
@@ -201,10 +273,20 @@ def collectives(text: str) -> list[CollectiveStat]:
             source = table.get(instr.operands[0]) if instr.opcode.endswith("-done") and instr.operands else instr
             inputs = sum(shape_bytes(table[o].shape) for o in (source.operands if source else ()) if o in table)
             size = max(inputs, shape_bytes(instr.shape))
-            row = found.setdefault(kind, [0, 0])
+            groups = device_groups((source or instr).attrs, num_devices)
+            if groups is None:  # unnamed: the bound for a large group
+                factor = 2.0 if kind == "all-reduce" else 1.0
+            else:
+                largest = max(len(g) for g in groups)
+                factor = _link_factor(kind, largest) if largest > 1 else 0.0
+            spans = [list(range(num_devices))] if groups is None else groups
+            across = any(len({hosts[d] for d in g if d < num_devices}) > 1 for g in spans) if hosts else False
+            row = found.setdefault((kind, across), [0, 0, 0.0])
             row[0] += times
             row[1] += times * size
-    return [CollectiveStat(kind, *found[kind]) for kind in COLLECTIVE_KINDS if kind in found]
+            row[2] += times * size * factor
+    return [CollectiveStat(kind, int(row[0]), int(row[1]), row[2], across)
+            for kind in COLLECTIVE_KINDS for across in (False, True) if (row := found.get((kind, across)))]
 
 
 def _dot_flops(instr: Instruction, table: dict[str, Instruction]) -> float:

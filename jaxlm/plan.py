@@ -22,9 +22,12 @@ Per device, from XLA: memory (``compiled.memory_analysis()``: arguments, outputs
 (donated) bytes, temporaries; peak = arguments + outputs - aliased + temporaries), and from the
 optimised HLO (:mod:`jaxlm.hlo_stats`, loops counted by their trip counts) the collectives and
 the matmul FLOPs and memory traffic. The roofline step time is ``max(FLOPs / peak FLOP/s,
-bytes / HBM bandwidth)``; it assumes perfect overlap of communication (shown separately, as the
-collectives' bytes over a stated link bandwidth, for the case where nothing overlaps), ignores
-kernel launch and pipeline-bubble overheads. The HLO shows no FLOPs inside kernels (Pallas,
+bytes / HBM bandwidth, link bytes / link bandwidth)``: compute, memory traffic and communication
+overlap perfectly, and none can hide the others. A collective's link bytes are what a ring
+algorithm sends through each device (``(n - 1) / n`` of its buffer for a group of ``n``, twice for
+an all-reduce: :class:`jaxlm.hlo_stats.CollectiveStat`), over NVLink when its device groups stay
+within one host and over the network when they cross hosts. It ignores kernel launch and
+pipeline-bubble overheads. The HLO shows no FLOPs inside kernels (Pallas,
 cuDNN custom calls: listed); when a program holds any, the compute term uses the model's FLOPs
 for the step instead (:func:`model_step_flops`, if larger). Kernels are what :mod:`pallas_kernels.dispatch` selects under the mesh; the
 report says whether the compiled programs hold any (or only XLA ops).
@@ -62,14 +65,11 @@ from sharding.targets import get_target, topology_name
 
 # JAX preallocates this fraction of device memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
 DEFAULT_MEMORY_FRACTION = 0.75
-# Link bandwidth per GPU and direction, bytes/s, for the communication column (NVIDIA datasheets:
+# Link bandwidth per GPU and direction, bytes/s, for the communication term (NVIDIA datasheets:
 # NVLink 4 900 GB/s bidirectional on H100/H200, NVLink 3 600 GB/s on A100; across hosts one
 # 400 Gb/s InfiniBand NIC per GPU).
 NVLINK_BANDWIDTH = {"h100": 450e9, "h200": 450e9, "a100": 300e9}
 NETWORK_BANDWIDTH = 50e9
-# Bytes each collective moves per device over the links, per byte of the buffer it spans (ring
-# algorithms; the (n - 1) / n factor is left out, so this is an upper bound).
-_LINK_FACTOR = {"all-reduce": 2.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +100,36 @@ class ProgramReport:
     def peak_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
-    @property
-    def link_bytes(self) -> float:
-        return sum(_LINK_FACTOR.get(c.kind, 1.0) * c.bytes for c in self.collectives)
+
+
+@dataclasses.dataclass(frozen=True)
+class Links:
+    """Bandwidth of each GPU's links, bytes/s per direction: NVLink within a host, the network across hosts."""
+
+    nvlink: float
+    network: float
+
+    def seconds(self, program: ProgramReport) -> float:
+        """The program's collectives one after another, each at its link's bandwidth."""
+        return sum(c.link_bytes / (self.network if c.across_hosts else self.nvlink) for c in program.collectives)
 
 
 @dataclasses.dataclass(frozen=True)
 class Roofline:
     compute_s: float  # FLOPs / peak FLOP/s
     memory_s: float  # bytes / HBM bandwidth
-    comms_s: float  # link bytes / link bandwidth (shown apart: the roofline assumes it overlaps)
+    comms_s: float  # link bytes / link bandwidth (Links.seconds)
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.memory_s)
+        """Compute, memory traffic and communication overlapped: the longest of the three."""
+        return max(self.compute_s, self.memory_s, self.comms_s)
 
     @property
     def bound(self) -> str:
-        return "compute" if self.compute_s >= self.memory_s else "memory"
+        """``compute``, ``memory`` or ``communication``: the term that sets :attr:`step_s`."""
+        terms = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comms_s}
+        return max(terms, key=terms.get)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +175,7 @@ class Plan:
     mesh: dict[str, int]
     hbm_bytes: int
     memory_fraction: float
-    link_bandwidth: float
+    links: Links
     peak_flops: float  # per device, for the config's compute dtype
     hbm_bandwidth: float
     param_bytes: int  # per device, in the training layout
@@ -239,22 +251,23 @@ def model_step_flops(cfg: Config, tokens: int, *, train: bool, context: int = 0)
     return tokens * (2 * _matmul_params(cfg) + 4 * m.num_layers * m.num_heads * m.head_dim * context)
 
 
-def _report(name: str, lowered: jax.stages.Lowered, model_flops: float, substitutions=()) -> ProgramReport:
+def _report(name: str, lowered: jax.stages.Lowered, mesh: Mesh, model_flops: float, substitutions=()) -> ProgramReport:
     start = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     c = cost(text)
+    hosts = [d.process_index for d in mesh.devices.flat]  # the program's device ids, in order
     return ProgramReport(
         name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes),
-        int(mem.temp_size_in_bytes), c.flops, c.bytes_accessed, tuple(collectives(text)), c.opaque_custom_calls,
+        int(mem.temp_size_in_bytes), c.flops, c.bytes_accessed, tuple(collectives(text, hosts)), c.opaque_custom_calls,
         seconds, model_flops, tuple(substitutions),
     )
 
 
-def _roofline(program: ProgramReport, peak: float, bandwidth: float, link: float) -> Roofline:
-    return Roofline(program.compute_flops / peak, program.bytes_accessed / bandwidth, program.link_bytes / link)
+def _roofline(program: ProgramReport, peak: float, bandwidth: float, links: Links) -> Roofline:
+    return Roofline(program.compute_flops / peak, program.bytes_accessed / bandwidth, links.seconds(program))
 
 
 def abstract_train_state(trainer: Any) -> Any:
@@ -285,7 +298,7 @@ def state_bytes(cfg: Config, mesh: Mesh) -> tuple[int, int]:
     return device_bytes(state.params) + (0 if base is None else device_bytes(base)), device_bytes(state.opt_state)
 
 
-def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, link: float) -> TrainPlan:
+def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, links: Links) -> TrainPlan:
     """Compile the trainer's step for ``mesh`` from abstract shapes; see the module docstring."""
     from jaxlm.train import Trainer  # the trainer's own step
 
@@ -299,10 +312,10 @@ def plan_train(cfg: Config, mesh: Mesh, peak: float, bandwidth: float, link: flo
 
     with substitutions() as swapped:
         lowered = trainer.lower_step(state, batch, abstract_base(trainer))
-    program = _report("train_step", lowered, model_flops, swapped)
+    program = _report("train_step", lowered, mesh, model_flops, swapped)
     return TrainPlan(
         program, B * T,
-        _roofline(program, peak, bandwidth, link), model_flops_per_token(cfg.model, T),
+        _roofline(program, peak, bandwidth, links), model_flops_per_token(cfg.model, T),
     )
 
 
@@ -311,7 +324,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def plan_decode(
-    cfg: Config, mesh: Mesh, budget: int, peak: float, bandwidth: float, link: float,
+    cfg: Config, mesh: Mesh, budget: int, peak: float, bandwidth: float, links: Links,
     *, batch: int, context: int, page_size: int = 16,
 ) -> DecodePlan:
     """Compile the serving engine's decode call for ``batch`` sequences of up to ``context`` tokens."""
@@ -344,7 +357,7 @@ def plan_decode(
 
     with jax.set_mesh(mesh), substitutions() as swapped:
         lowered = _forward_and_sample.trace(graphdef, False, params, pool, pool, *args).lower()
-    program = _report("decode_step", lowered, model_step_flops(cfg, rows, train=False, context=context) / mesh.size,
+    program = _report("decode_step", lowered, mesh, model_step_flops(cfg, rows, train=False, context=context) / mesh.size,
                       swapped)
     pool_bytes = 2 * device_bytes(pool)
     kv_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype.itemsize
@@ -354,7 +367,7 @@ def plan_decode(
         program, rows, pages_per_seq * page_size, page_size, num_pages, device_bytes(params), pool_bytes,
         kv_token, kv_token_device, max(0, int(free // (kv_token_device * pages_per_seq * page_size))),
         compute_bound_batch(cfg, context, peak / bandwidth), compute_bound_batch(cfg, 0, peak / bandwidth),
-        _roofline(program, peak, bandwidth, link), batch, dict(mesh.shape),
+        _roofline(program, peak, bandwidth, links), batch, dict(mesh.shape),
     )
 
 
@@ -382,12 +395,12 @@ def plan_run(
     context: int | None = None,
     page_size: int = 16,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-    link_bandwidth: float | None = None,
+    links: Links | None = None,
 ) -> Plan:
     """Compile ``cfg``'s train step and/or decode step for ``topology`` GPUs of kind ``target``.
 
-    ``context`` defaults to ``data.seq_len``. ``link_bandwidth`` (bytes/s per GPU and direction)
-    defaults to NVLink within one host and the network across hosts. Raises ConfigError for an
+    ``context`` defaults to ``data.seq_len``. ``links`` defaults to the target's NVLink
+    (:data:`NVLINK_BANDWIDTH`) and one 400 Gb/s NIC per GPU (:data:`NETWORK_BANDWIDTH`). Raises ConfigError for an
     unknown target, a malformed topology, or a config that does not fit the device count.
     ``model.init_from`` gives the architecture (its metadata is read, not its weights), as in training.
     """
@@ -403,24 +416,23 @@ def plan_run(
     if decode_batch < 1 or page_size < 16 or page_size & (page_size - 1):
         raise ConfigError(f"decode batch must be >= 1 and page size a power of two >= 16, got {decode_batch}, {page_size}")
     try:
-        hosts = int(topology_name(topology).split("x")[1])
         mesh = make_compile_only_mesh(cfg.mesh, spec.name, topology)
     except ValueError as e:  # a malformed topology, or mesh sizes that do not fit its GPUs
         raise ConfigError(str(e)) from None
-    link = link_bandwidth or (NVLINK_BANDWIDTH[spec.name] if hosts == 1 else NETWORK_BANDWIDTH)
+    links = links or Links(NVLINK_BANDWIDTH[spec.name], NETWORK_BANDWIDTH)
     dtype = "float32" if cfg.model.compute_dtype == "float32" else cfg.model.compute_dtype
     peak, bandwidth = spec.peak_flops[dtype], spec.hbm_bandwidth
     budget = int(spec.hbm_bytes * memory_fraction)
     param_bytes, opt_bytes = state_bytes(cfg, mesh)
-    train_plan = plan_train(cfg, mesh, peak, bandwidth, link) if train else None
+    train_plan = plan_train(cfg, mesh, peak, bandwidth, links) if train else None
     decode_plan = None
     if decode:
         decode_plan = plan_decode(
-            cfg, mesh, budget, peak, bandwidth, link,
+            cfg, mesh, budget, peak, bandwidth, links,
             batch=decode_batch, context=context or cfg.data.seq_len, page_size=page_size,
         )
     return Plan(
-        spec.name, topology_name(topology), mesh.size, dict(mesh.shape), spec.hbm_bytes, memory_fraction, link,
+        spec.name, topology_name(topology), mesh.size, dict(mesh.shape), spec.hbm_bytes, memory_fraction, links,
         peak, bandwidth, param_bytes, opt_bytes, train_plan, decode_plan,
     )
 
@@ -436,7 +448,9 @@ def _program_lines(plan: Plan, p: ProgramReport) -> list[str]:
         f"  memory (XLA)      arguments {_gib(p.argument_bytes)}, outputs {_gib(p.output_bytes)}, "
         f"aliased (donated) {_gib(p.alias_bytes)}, temporaries {_gib(p.temp_bytes)}",
         f"  peak              {_gib(p.peak_bytes)}: {verdict}",
-        f"  collectives       " + (", ".join(f"{c.kind} x{c.count} ({_gib(c.bytes)})" for c in p.collectives) or "none"),
+        "  collectives       " + (", ".join(
+            f"{c.kind} x{c.count} ({_gib(c.bytes)}{', across hosts' if c.across_hosts else ''})"
+            for c in p.collectives) or "none"),
         f"  cost (HLO)        {p.flops:.3e} matmul FLOPs, {p.bytes_accessed:.3e} HBM bytes per step"
         + (f" outside kernels; kernels hide theirs, so compute time uses the model's {p.model_flops:.3e}"
            if p.opaque_custom_calls else ""),
@@ -446,9 +460,9 @@ def _program_lines(plan: Plan, p: ProgramReport) -> list[str]:
 
 def _roofline_line(plan: Plan, r: Roofline) -> str:
     return (
-        f"  roofline          compute {r.compute_s * 1e3:.2f} ms, memory {r.memory_s * 1e3:.2f} ms -> "
-        f"{r.step_s * 1e3:.2f} ms/step ({r.bound}-bound); communication {r.comms_s * 1e3:.2f} ms at "
-        f"{plan.link_bandwidth / 1e9:.0f} GB/s if not overlapped"
+        f"  roofline          compute {r.compute_s * 1e3:.2f} ms, memory {r.memory_s * 1e3:.2f} ms, "
+        f"communication {r.comms_s * 1e3:.2f} ms (NVLink {plan.links.nvlink / 1e9:.0f} GB/s, network "
+        f"{plan.links.network / 1e9:.0f} GB/s per GPU) -> {r.step_s * 1e3:.2f} ms/step ({r.bound}-bound)"
     )
 
 
@@ -499,7 +513,7 @@ def format_plan(plan: Plan) -> str:
         for reason in dict.fromkeys(r for p in programs for r in p.substitutions):
             out.append(f"  compiled in another kernel's place (the figures are the stand-in's): {reason}")
     out.append(
-        "estimate ignores: communication overlap (column above), kernel launch and pipeline-bubble overhead, "
-        "elementwise FLOPs and caches"
+        "estimate assumes compute, memory traffic and communication overlap perfectly; ignores kernel launch "
+        "and pipeline-bubble overhead, elementwise FLOPs and caches"
     )
     return "\n".join(out)

@@ -55,6 +55,9 @@ cfg = jaxlm.load_config("configs/llama3_8b.yaml", lora)
 out["8b_lora"] = plan_run(cfg, "h100", "1x8", train=False, decode=False).to_dict()
 cfg = jaxlm.load_config("configs/tiny.yaml", lora)
 out["tiny_lora"] = plan_run(cfg, "h100", "1x8", decode=False).to_dict()
+# two hosts of four GPUs: tensor within each host, fsdp across them
+cfg = jaxlm.load_config("configs/tiny.yaml", ["mesh.fsdp=4", "mesh.tensor=2"])
+out["tiny_2x4"] = plan_run(cfg, "h100", "2x4", decode=False).to_dict()
 import tempfile
 from jaxlm.interop.hf import to_hf
 source = jaxlm.load_config("configs/tiny.yaml", ["model.num_layers=3", "model.embed_dim=96"])
@@ -165,7 +168,12 @@ def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
     else:
         assert 6 * matmul * T + 3 * attention <= program["flops"] <= upper
     r = train["roofline"]
-    assert train["step_s"] == max(r["compute_s"], r["memory_s"]) > 0
+    assert train["step_s"] == max(r["compute_s"], r["memory_s"], r["comms_s"]) > 0
+    # one host: every collective on NVLink, a ring over 8 GPUs sending 7/8 of each buffer (twice
+    # for the all-reduces of a few scalars)
+    assert not any(c["across_hosts"] for c in program["collectives"])
+    ring = 7 / 8 * (kinds["all-gather"]["bytes"] + kinds["reduce-scatter"]["bytes"])
+    assert r["comms_s"] == pytest.approx(ring / plan["links"]["nvlink"], rel=0.01)
     # the model's FLOPs per device: 6 N + attention per token, the forward twice (remat full)
     model = (6 * matmul + 12 * m.num_layers * m.num_heads * m.head_dim * T / 2) * 8 * T * 4 / 3 / 8
     assert program["model_flops"] == pytest.approx(model, rel=1e-4)  # (jaxlm.metrics counts the norm scales too)
@@ -265,6 +273,75 @@ def test_loops_count_once_per_iteration():
     assert hlo_stats.cost(compiled.as_text()).flops == L * 2 * M * K * K
     # XLA's own analysis counts the loop body once, which is why the planner does not use it
     assert compiled.cost_analysis()["flops"] < L * 2 * M * K * K
+
+
+@PLANS
+def test_collectives_across_hosts_are_priced_at_the_network_and_within_a_host_at_nvlink(plans):
+    """tiny on two hosts of four GPUs, fsdp=4 x tensor=2 (tensor inside a host): the fsdp
+    gathers of the weights cross hosts among four, the tensor-parallel all-reduces stay in a host
+    between two; each row's link bytes are the ring's share of its bytes."""
+    plan = plans["tiny_2x4"]
+    assert plan["topology"] == "1x2x4" and plan["mesh"]["fsdp"] == 4 and plan["mesh"]["tensor"] == 2
+    rows = {(c["kind"], c["across_hosts"]): c for c in plan["train"]["program"]["collectives"]}
+    gathers, within = rows[("all-gather", True)], rows[("all-reduce", False)]
+    assert gathers["link_bytes"] == pytest.approx(gathers["bytes"] * 3 / 4, rel=0.01)
+    assert within["link_bytes"] == pytest.approx(within["bytes"] * 2 * 1 / 2)
+    links = plan["links"]
+    seconds = sum(c["link_bytes"] / (links["network"] if c["across_hosts"] else links["nvlink"])
+                  for c in plan["train"]["program"]["collectives"])
+    assert seconds > 0 and plan["train"]["roofline"]["comms_s"] == pytest.approx(seconds)
+
+
+def test_device_groups_in_each_form_and_what_crosses_hosts():
+    """Replica groups as listed, as an iota (plain and transposed), empty (all devices), a
+    permute's pairs; two hosts of four devices: counts, bytes and ring link bytes by hand."""
+    assert hlo_stats.device_groups("replica_groups={{0,1},{2,3}}, dimensions={0}", 4) == [[0, 1], [2, 3]]
+    assert hlo_stats.device_groups("replica_groups=[2,4]<=[8], dimensions={0}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hlo_stats.device_groups("replica_groups=[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert hlo_stats.device_groups("replica_groups=[4,2]<=[2,2,2]T(2,1,0)", 8) == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    mesh = "replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0'}, dimensions={0}"
+    assert hlo_stats.device_groups(mesh, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert hlo_stats.device_groups(mesh.replace("{'axis_0'}", "{'axis_2'}"), 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # devices placed on the mesh in the order of an iota: [2, 4] transposed is 0 4 1 5 2 6 3 7
+    placed = mesh.replace("] {", "], device_ids=([2,4]T(1,0)) {")
+    assert hlo_stats.device_groups(placed, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hlo_stats.device_groups("replica_groups={}, to_apply=%add", 8) == [list(range(8))]
+    assert hlo_stats.device_groups("replica_groups={}, to_apply=%add", 0) is None
+    assert hlo_stats.device_groups("source_target_pairs={{0,1},{1,0}}", 8) == [[0, 1], [1, 0]]
+    assert hlo_stats.device_groups("dimensions={0}", 8) is None
+    text = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[16,64]) -> bf16[16,64] {
+  %x = bf16[16,64]{1,0} parameter(0)
+  %in_host = bf16[64,64]{1,0} all-gather(%x), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true
+  %across = bf16[32,64]{1,0} all-gather(%x), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, use_global_device_ids=true
+  %everyone = bf16[16,64]{1,0} all-reduce(%x), channel_id=3, replica_groups={}, use_global_device_ids=true, to_apply=%add
+  %rs-start = ((bf16[16,64]{1,0}), bf16[4,64]{1,0}) reduce-scatter-start(%x), channel_id=4, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+  %rs-done = bf16[4,64]{1,0} reduce-scatter-done(%rs-start)
+  %perm = bf16[16,64]{1,0} collective-permute(%x), channel_id=5, source_target_pairs={{3,4},{7,0}}
+  ROOT %r = bf16[16,64]{1,0} copy(%x)
+}
+"""
+    x = 16 * 64 * 2
+    rows = {(c.kind, c.across_hosts): c for c in hlo_stats.collectives(text, hosts=[0, 0, 0, 0, 1, 1, 1, 1])}
+    assert set(rows) == {("all-gather", False), ("all-gather", True), ("all-reduce", True),
+                         ("reduce-scatter", False), ("collective-permute", True)}
+    assert (rows[("all-gather", False)].bytes, rows[("all-gather", False)].link_bytes) == (4 * x, 4 * x * 3 / 4)
+    assert (rows[("all-gather", True)].bytes, rows[("all-gather", True)].link_bytes) == (2 * x, 2 * x / 2)
+    assert rows[("all-reduce", True)].link_bytes == x * 2 * 7 / 8
+    assert (rows[("reduce-scatter", False)].bytes, rows[("reduce-scatter", False)].link_bytes) == (x, x * 3 / 4)
+    assert rows[("collective-permute", True)].link_bytes == x
+    # without hosts nothing crosses; groups it cannot read are priced as a large ring's bound
+    alone = {c.kind: c for c in hlo_stats.collectives(text)}
+    assert not any(c.across_hosts for c in alone.values())
+    assert alone["all-reduce"].link_bytes == 2 * x
+    assert alone["all-gather"].count == 2 and alone["all-gather"].link_bytes == 4 * x * 3 / 4 + 2 * x / 2
 
 
 def test_collectives_in_a_loop_are_counted_per_iteration(devices):
