@@ -70,10 +70,18 @@ def pipeline_layers(layer: Layer, x_BxTxE: jax.Array, stacked_params: Any, aux: 
     B = x_BxTxE.shape[0]
     if B % M:
         raise ValueError(f"batch {B} is not divisible by {M} pipeline microbatches")
-    x_mb = _to_microbatches(x_BxTxE, M)
+    # The two all-reduces over stages (the outputs shared below, and the input's gradient summed
+    # over the stages in the backward pass) run in float32: XLA's CPU compiler aborts on a
+    # bfloat16 all-reduce inside a shard_map manual over some axes only ("Invalid binary
+    # instruction opcode copy" in AllReducePromotion, jaxlib 0.10.2: the reducer's root is a
+    # sharding annotation). Exact: the values are only cast, and the output sum has one non-zero term.
+    dtype = x_BxTxE.dtype
+    wide = jnp.promote_types(dtype, jnp.float32)
+    x_mb = _to_microbatches(x_BxTxE, M).astype(wide)
     aux_mb = jax.tree.map(lambda a: _to_microbatches(a, M), aux)
 
     def stages(x_mb, params, aux_mb):
+        x_mb = x_mb.astype(dtype)
         s = lax.axis_index(axis)
 
         def run_stage(h, aux_t):
@@ -91,11 +99,12 @@ def pipeline_layers(layer: Layer, x_BxTxE: jax.Array, stacked_params: Any, aux: 
 
         init = (jnp.zeros_like(x_mb[0]), jnp.zeros_like(x_mb))
         (_, outputs), _ = lax.scan(tick, init, jnp.arange(M + P - 1))
-        return lax.psum(jnp.where(s == P - 1, outputs, jnp.zeros_like(outputs)), axis)
+        # share the last stage's outputs with every stage
+        return lax.psum(jnp.where(s == P - 1, outputs, jnp.zeros_like(outputs)).astype(wide), axis)
 
     param_specs = jax.tree.map(lambda _: PartitionSpec(axis), stacked_params)
     out = jax.shard_map(
         stages, mesh=mesh, in_specs=(PartitionSpec(), param_specs, PartitionSpec()), out_specs=PartitionSpec(),
         axis_names={axis}, check_vma=False,
     )(x_mb, stacked_params, aux_mb)
-    return _from_microbatches(out)
+    return _from_microbatches(out).astype(dtype)

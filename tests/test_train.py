@@ -133,6 +133,26 @@ def test_pipeline_training_matches_one_device(setup, single_device_losses, devic
     np.testing.assert_allclose(losses, single_device_losses[:n], rtol=2e-5)
 
 
+def test_bfloat16_pipeline_training_matches_one_device_in_bfloat16(setup, devices):
+    """bfloat16 compute over two stages inside FSDP: the all-reduces over stages run in float32
+    (XLA's CPU compiler aborted on them in bfloat16); losses and gradient norms follow one
+    device's in bfloat16 to within its rounding."""
+    cfg, windows, params = setup
+    bf16 = cfg.replace(model=dataclasses.replace(cfg.model, compute_dtype="bfloat16", pipeline_microbatches=2))
+
+    def run(mesh):
+        trainer = Trainer(bf16, mesh)
+        state, out = trainer.init_state(params), []
+        for w in windows:
+            state, metrics = trainer.step(state, to_global_batch(w, mesh))
+            out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        return np.array(out)
+
+    single = run(make_mesh(MeshConfig(), devices[:1]))
+    piped = run(make_mesh(MeshConfig(stage=2, fsdp=4), devices))
+    np.testing.assert_allclose(piped, single, rtol=2e-3)
+
+
 def test_four_stage_pipeline_with_tensor_parallelism_matches_one_device(devices):
     cfg = tiny_config(*MESH_CFG, "model.num_layers=4", "model.pipeline_microbatches=4")
     windows, params = batches_and_params(cfg, 3, model_seed=1)
