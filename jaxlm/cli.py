@@ -230,6 +230,8 @@ def _plan(args: argparse.Namespace) -> None:
         raise jaxlm.ConfigError(str(e)) from None
     from jaxlm.plan import format_plan, plan_run
 
+    if args.no_train and args.no_decode:
+        raise jaxlm.ConfigError("--no-train and --no-decode leave nothing to plan: drop one of them")
     cfg = jaxlm.load_config(args.config, args.overrides)
     plan = plan_run(
         cfg, args.target, args.topology, train=not args.no_train, decode=not args.no_decode,
@@ -326,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", default="h100", type=_gpu_target, help="GPU model: h100, h200 or a100 (default h100)")
     pl.add_argument("--topology", default="1x8", type=_topology,
                     help="HOSTSxGPUS, e.g. 1x8 or 2x8, or SLICESxHOSTSxGPUS (default 1x8)")
-    pl.add_argument("--decode-batch", dest="decode_batch", type=int, default=16, help="sequences decoded together")
-    pl.add_argument("--context", type=int, default=None, help="tokens per decoded sequence (default: data.seq_len)")
+    pl.add_argument("--decode-batch", dest="decode_batch", type=_positive_int, default=16, help="sequences decoded together")
+    pl.add_argument("--context", type=_positive_int, default=None, help="tokens per decoded sequence (default: data.seq_len)")
     pl.add_argument("--memory-fraction", dest="memory_fraction", type=float, default=0.75,
                     help="share of HBM the run may use (JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)")
     pl.add_argument("--json", default=None, help="also write the plan as JSON to this path")

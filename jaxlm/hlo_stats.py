@@ -7,9 +7,9 @@ This module walks the optimised HLO instead and multiplies every computation by 
 times it runs per step (``known_trip_count`` of the loops around it):
 
 * :func:`collectives` - each collective kind (``all-reduce``, ``all-gather``, ``reduce-scatter``,
-  ``all-to-all``, ``collective-permute``, ...): how many run per step, the bytes they span, the
-  bytes a ring algorithm sends through each device's link for its device groups
-  (:func:`device_groups`), and, given each device's host, whether the groups cross hosts.
+  ``all-to-all``, ``collective-permute``, ...): how many run per step, the bytes they span, and
+  what each device sends over NVLink and over the network for its device groups
+  (:func:`device_groups`, :func:`link_bytes`) given each device's host.
 * :func:`cost` - matmul FLOPs (``dot`` instructions, inside fusions too, and cuBLAS gemm custom
   calls: ``2 * prod(result dims) * prod(contracting dims)``) and an estimate of the bytes each
   top-level kernel reads and writes in device memory.
@@ -75,10 +75,10 @@ class CollectiveStat:
     kind: str  # all-reduce | all-gather | reduce-scatter | all-to-all | collective-permute | ...
     count: int  # times it runs per step (loops unrolled by their trip counts)
     bytes: int  # per device per step: for each run, the larger of its operands and its results
-    # per device per step: the bytes a ring algorithm sends over each device's link, ``bytes``
-    # times (n - 1) / n for a group of n (all-reduce: 2 (n - 1) / n; collective-permute: 1)
-    link_bytes: float = 0.0
-    across_hosts: bool = False  # its device groups span more than one host
+    # per device per step, what a hierarchical ring algorithm sends over each device's links
+    # (:func:`link_bytes`): within its host (NVLink) and over its own network link (NIC)
+    nvlink_bytes: float = 0.0
+    network_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,25 +244,46 @@ def device_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
     return groups or ([list(range(num_devices))] if num_devices else None)
 
 
-def _link_factor(kind: str, group: int) -> float:
-    """Bytes over each device's link per byte a collective spans, for ring algorithms over
-    ``group`` > 1 devices (all-gather and reduce-scatter pass (n - 1) / n of the whole buffer
-    through each device, all-reduce is both, a permute sends its buffer once)."""
+def link_bytes(kind: str, size: float, groups: list[list[int]] | None, hosts: list[int] | None) -> tuple[float, float]:
+    """``(NVLink bytes, network bytes)`` one device sends for a collective spanning ``size`` bytes
+    over ``groups`` (device ids), ``hosts[i]`` being device ``i``'s host (None: one host).
+
+    A hierarchical ring, as NCCL runs across hosts with one NIC per GPU: a group of ``n`` devices
+    on ``H`` hosts, ``g = n / H`` on each, moves ``(g - 1) / g`` of the buffer within each host and
+    ``(H - 1) / H`` of it between hosts, the host's share split over its ``g`` NICs. An all-reduce
+    does both twice (reduce-scatter, then all-gather); an all-to-all sends each peer its part
+    directly; a collective-permute sends its buffer once, over the network if any pair crosses
+    hosts. Groups the text does not name are priced as the bound of a large ring (the buffer,
+    twice for an all-reduce), over the network when there are several hosts. The group spanning
+    the most hosts sets the figure."""
+    many_hosts = bool(hosts) and len(set(hosts)) > 1
+    if groups is None or (hosts and any(d >= len(hosts) for g in groups for d in g)):
+        bound = (2.0 if kind == "all-reduce" else 1.0) * size
+        return (0.0, bound) if many_hosts else (bound, 0.0)
+    n = max(len(g) for g in groups)
+    if n <= 1:
+        return 0.0, 0.0
+    host_count = (lambda g: len({hosts[d] for d in g})) if hosts else (lambda g: 1)
     if kind == "collective-permute":
-        return 1.0
-    share = (group - 1) / group
-    return 2.0 * share if kind == "all-reduce" else share
+        return (0.0, float(size)) if any(host_count(g) > 1 for g in groups) else (float(size), 0.0)
+    widest = max(groups, key=lambda g: (host_count(g), len(g)))
+    H = host_count(widest)
+    n = len(widest)
+    per_host = n / H
+    if kind == "all-to-all":
+        return (per_host - 1) / n * size, (n - per_host) / n * size
+    twice = 2.0 if kind == "all-reduce" else 1.0
+    return twice * (per_host - 1) / per_host * size, twice * (H - 1) / H * size / per_host
 
 
 def collectives(text: str, hosts: list[int] | None = None) -> list[CollectiveStat]:
-    """Collectives per step, one row per kind (and, given ``hosts``, per whether they cross hosts):
-    see :class:`CollectiveStat`. ``hosts[i]``: the host of device id ``i`` (the program's device
-    assignment); without it every group counts as within one host. A collective whose groups the
-    text does not name is priced as the largest group (factor 1, all-reduce 2)."""
+    """Collectives per step, one row per kind: see :class:`CollectiveStat`. ``hosts[i]``: the host
+    of device id ``i`` (the program's device assignment); without it every group counts as within
+    one host."""
     computations, entry = parse_module(text)
     counts, _, _ = run_counts(computations, entry)
     num_devices = len(hosts) if hosts else 0
-    found: dict[tuple[str, bool], list[float]] = {}
+    found: dict[str, list[float]] = {}
     for comp, instrs in computations.items():
         times = counts.get(comp, 0)
         table = {i.name: i for i in instrs}
@@ -273,20 +294,14 @@ def collectives(text: str, hosts: list[int] | None = None) -> list[CollectiveSta
             source = table.get(instr.operands[0]) if instr.opcode.endswith("-done") and instr.operands else instr
             inputs = sum(shape_bytes(table[o].shape) for o in (source.operands if source else ()) if o in table)
             size = max(inputs, shape_bytes(instr.shape))
-            groups = device_groups((source or instr).attrs, num_devices)
-            if groups is None:  # unnamed: the bound for a large group
-                factor = 2.0 if kind == "all-reduce" else 1.0
-            else:
-                largest = max(len(g) for g in groups)
-                factor = _link_factor(kind, largest) if largest > 1 else 0.0
-            spans = [list(range(num_devices))] if groups is None else groups
-            across = any(len({hosts[d] for d in g if d < num_devices}) > 1 for g in spans) if hosts else False
-            row = found.setdefault((kind, across), [0, 0, 0.0])
+            nvlink, network = link_bytes(kind, size, device_groups((source or instr).attrs, num_devices), hosts)
+            row = found.setdefault(kind, [0, 0, 0.0, 0.0])
             row[0] += times
             row[1] += times * size
-            row[2] += times * size * factor
-    return [CollectiveStat(kind, int(row[0]), int(row[1]), row[2], across)
-            for kind in COLLECTIVE_KINDS for across in (False, True) if (row := found.get((kind, across)))]
+            row[2] += times * nvlink
+            row[3] += times * network
+    return [CollectiveStat(kind, int(row[0]), int(row[1]), row[2], row[3])
+            for kind in COLLECTIVE_KINDS if (row := found.get(kind))]
 
 
 def _dot_flops(instr: Instruction, table: dict[str, Instruction]) -> float:

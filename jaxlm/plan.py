@@ -22,12 +22,12 @@ Per device, from XLA: memory (``compiled.memory_analysis()``: arguments, outputs
 (donated) bytes, temporaries; peak = arguments + outputs - aliased + temporaries), and from the
 optimised HLO (:mod:`jaxlm.hlo_stats`, loops counted by their trip counts) the collectives and
 the matmul FLOPs and memory traffic. The roofline step time is ``max(FLOPs / peak FLOP/s,
-bytes / HBM bandwidth, link bytes / link bandwidth)``: compute, memory traffic and communication
-overlap perfectly, and none can hide the others. A collective's link bytes are what a ring
-algorithm sends through each device (``(n - 1) / n`` of its buffer for a group of ``n``, twice for
-an all-reduce: :class:`jaxlm.hlo_stats.CollectiveStat`), over NVLink when its device groups stay
-within one host and over the network when they cross hosts. It ignores kernel launch and
-pipeline-bubble overheads. The HLO shows no FLOPs inside kernels (Pallas,
+bytes / HBM bandwidth, NVLink bytes / NVLink bandwidth + network bytes / network bandwidth)``:
+compute, memory traffic and communication overlap perfectly, and none can hide the others. A
+collective's link bytes are what a hierarchical ring sends through each device for its device
+groups (:func:`jaxlm.hlo_stats.link_bytes`: ``(g - 1) / g`` of the buffer within a host of ``g``
+group members, ``(H - 1) / H`` of it between ``H`` hosts over the members' ``g`` NICs, twice for an
+all-reduce). It ignores kernel launch and pipeline-bubble overheads. The HLO shows no FLOPs inside kernels (Pallas,
 cuDNN custom calls: listed); when a program holds any, the compute term uses the model's FLOPs
 for the step instead (:func:`model_step_flops`, if larger). Kernels are what :mod:`pallas_kernels.dispatch` selects under the mesh; the
 report says whether the compiled programs hold any (or only XLA ops).
@@ -110,8 +110,8 @@ class Links:
     network: float
 
     def seconds(self, program: ProgramReport) -> float:
-        """The program's collectives one after another, each at its link's bandwidth."""
-        return sum(c.link_bytes / (self.network if c.across_hosts else self.nvlink) for c in program.collectives)
+        """The program's collectives one after another: their NVLink and network bytes at those bandwidths."""
+        return sum(c.nvlink_bytes / self.nvlink + c.network_bytes / self.network for c in program.collectives)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +413,8 @@ def plan_run(
         raise ConfigError(str(e)) from None
     if not 0 < memory_fraction <= 1:
         raise ConfigError(f"memory fraction must be in (0, 1], got {memory_fraction}")
+    if context is not None and context < 1:
+        raise ConfigError(f"context must be at least 1 token, got {context}")
     if decode_batch < 1 or page_size < 16 or page_size & (page_size - 1):
         raise ConfigError(f"decode batch must be >= 1 and page size a power of two >= 16, got {decode_batch}, {page_size}")
     try:
@@ -429,7 +431,7 @@ def plan_run(
     if decode:
         decode_plan = plan_decode(
             cfg, mesh, budget, peak, bandwidth, links,
-            batch=decode_batch, context=context or cfg.data.seq_len, page_size=page_size,
+            batch=decode_batch, context=cfg.data.seq_len if context is None else context, page_size=page_size,
         )
     return Plan(
         spec.name, topology_name(topology), mesh.size, dict(mesh.shape), spec.hbm_bytes, memory_fraction, links,
@@ -449,7 +451,8 @@ def _program_lines(plan: Plan, p: ProgramReport) -> list[str]:
         f"aliased (donated) {_gib(p.alias_bytes)}, temporaries {_gib(p.temp_bytes)}",
         f"  peak              {_gib(p.peak_bytes)}: {verdict}",
         "  collectives       " + (", ".join(
-            f"{c.kind} x{c.count} ({_gib(c.bytes)}{', across hosts' if c.across_hosts else ''})"
+            f"{c.kind} x{c.count} ({_gib(c.bytes)}; sends {_gib(c.nvlink_bytes)} over NVLink"
+            + (f", {_gib(c.network_bytes)} over the network)" if c.network_bytes else ")")
             for c in p.collectives) or "none"),
         f"  cost (HLO)        {p.flops:.3e} matmul FLOPs, {p.bytes_accessed:.3e} HBM bytes per step"
         + (f" outside kernels; kernels hide theirs, so compute time uses the model's {p.model_flops:.3e}"

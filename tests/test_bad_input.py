@@ -256,6 +256,9 @@ TABLE = [
     ("plan", ["plan", TINY, "--target", "v100"], 2, "'v100' is not a GPU target"),
     ("plan", ["plan", TINY, "--topology", "1x100000000"], 2, "an HGX host holds at most 8"),
     ("plan", ["plan", TINY, "--topology", "8"], 2, "is not HOSTSxGPUS"),
+    ("plan", ["plan", TINY, "--context", "-5"], 2, "'-5' must be positive"),
+    ("plan", ["plan", TINY, "--decode-batch", "0"], 2, "'0' must be positive"),
+    ("plan", ["plan", TINY, "--no-train", "--no-decode"], 2, "leave nothing to plan: drop one of them"),
     # ---- convert
     ("convert", ["convert", "{d}/run"], 2, "the following arguments are required: dst"),
     ("convert", ["convert", "{d}/run", "{d}/hf", "--dtype", "float64"], 2, "invalid choice: 'float64'"),

@@ -171,7 +171,7 @@ def test_8b_fits_on_one_host_of_h100s_under_fsdp(plans):
     assert train["step_s"] == max(r["compute_s"], r["memory_s"], r["comms_s"]) > 0
     # one host: every collective on NVLink, a ring over 8 GPUs sending 7/8 of each buffer (twice
     # for the all-reduces of a few scalars)
-    assert not any(c["across_hosts"] for c in program["collectives"])
+    assert not any(c["network_bytes"] for c in program["collectives"])
     ring = 7 / 8 * (kinds["all-gather"]["bytes"] + kinds["reduce-scatter"]["bytes"])
     assert r["comms_s"] == pytest.approx(ring / plan["links"]["nvlink"], rel=0.01)
     # the model's FLOPs per device: 6 N + attention per token, the forward twice (remat full)
@@ -278,16 +278,18 @@ def test_loops_count_once_per_iteration():
 @PLANS
 def test_collectives_across_hosts_are_priced_at_the_network_and_within_a_host_at_nvlink(plans):
     """tiny on two hosts of four GPUs, fsdp=4 x tensor=2 (tensor inside a host): the fsdp
-    gathers of the weights cross hosts among four, the tensor-parallel all-reduces stay in a host
-    between two; each row's link bytes are the ring's share of its bytes."""
+    gathers of the weights span both hosts, two group members on each (half of each buffer moves
+    within a host, half of it between the hosts over two NICs); the tensor-parallel all-reduces
+    stay in a host between two. The step's communication time is their sum at each bandwidth."""
     plan = plans["tiny_2x4"]
     assert plan["topology"] == "1x2x4" and plan["mesh"]["fsdp"] == 4 and plan["mesh"]["tensor"] == 2
-    rows = {(c["kind"], c["across_hosts"]): c for c in plan["train"]["program"]["collectives"]}
-    gathers, within = rows[("all-gather", True)], rows[("all-reduce", False)]
-    assert gathers["link_bytes"] == pytest.approx(gathers["bytes"] * 3 / 4, rel=0.01)
-    assert within["link_bytes"] == pytest.approx(within["bytes"] * 2 * 1 / 2)
+    rows = {c["kind"]: c for c in plan["train"]["program"]["collectives"]}
+    gathers, reduces = rows["all-gather"], rows["all-reduce"]
+    assert gathers["nvlink_bytes"] == pytest.approx(gathers["bytes"] / 2, rel=0.01)
+    assert gathers["network_bytes"] == pytest.approx(gathers["bytes"] / 2 / 2, rel=0.01)
+    assert reduces["nvlink_bytes"] == pytest.approx(reduces["bytes"] * 2 * 1 / 2, rel=0.02)
     links = plan["links"]
-    seconds = sum(c["link_bytes"] / (links["network"] if c["across_hosts"] else links["nvlink"])
+    seconds = sum(c["nvlink_bytes"] / links["nvlink"] + c["network_bytes"] / links["network"]
                   for c in plan["train"]["program"]["collectives"])
     assert seconds > 0 and plan["train"]["roofline"]["comms_s"] == pytest.approx(seconds)
 
@@ -329,19 +331,23 @@ ENTRY %main (x: bf16[16,64]) -> bf16[16,64] {
 }
 """
     x = 16 * 64 * 2
-    rows = {(c.kind, c.across_hosts): c for c in hlo_stats.collectives(text, hosts=[0, 0, 0, 0, 1, 1, 1, 1])}
-    assert set(rows) == {("all-gather", False), ("all-gather", True), ("all-reduce", True),
-                         ("reduce-scatter", False), ("collective-permute", True)}
-    assert (rows[("all-gather", False)].bytes, rows[("all-gather", False)].link_bytes) == (4 * x, 4 * x * 3 / 4)
-    assert (rows[("all-gather", True)].bytes, rows[("all-gather", True)].link_bytes) == (2 * x, 2 * x / 2)
-    assert rows[("all-reduce", True)].link_bytes == x * 2 * 7 / 8
-    assert (rows[("reduce-scatter", False)].bytes, rows[("reduce-scatter", False)].link_bytes) == (x, x * 3 / 4)
-    assert rows[("collective-permute", True)].link_bytes == x
-    # without hosts nothing crosses; groups it cannot read are priced as a large ring's bound
+    rows = {c.kind: c for c in hlo_stats.collectives(text, hosts=[0, 0, 0, 0, 1, 1, 1, 1])}
+    # (NVLink, network) bytes per device: within one host of 4, 3/4 of the buffer; a pair across
+    # the two hosts, 1/2 of it over the network; all 8, 4 per host: twice (3/4 within, 1/2 between
+    # over 4 NICs); the permute's pairs cross hosts
+    nvlink = {"all-gather": 3 / 4 * 4 * x, "all-reduce": 2 * 3 / 4 * x, "reduce-scatter": 3 / 4 * x,
+              "collective-permute": 0}
+    network = {"all-gather": 1 / 2 * 2 * x, "all-reduce": 2 * 1 / 2 * x / 4, "reduce-scatter": 0,
+               "collective-permute": x}
+    assert {k: (c.count, c.bytes) for k, c in rows.items()} == {
+        "all-gather": (2, 6 * x), "all-reduce": (1, x), "reduce-scatter": (1, x), "collective-permute": (1, x)}
+    assert {k: c.nvlink_bytes for k, c in rows.items()} == nvlink
+    assert {k: c.network_bytes for k, c in rows.items()} == network
+    # without hosts everything stays on NVLink; groups it cannot read are priced as a large ring's bound
     alone = {c.kind: c for c in hlo_stats.collectives(text)}
-    assert not any(c.across_hosts for c in alone.values())
-    assert alone["all-reduce"].link_bytes == 2 * x
-    assert alone["all-gather"].count == 2 and alone["all-gather"].link_bytes == 4 * x * 3 / 4 + 2 * x / 2
+    assert not any(c.network_bytes for c in alone.values())
+    assert alone["all-reduce"].nvlink_bytes == 2 * x
+    assert alone["all-gather"].nvlink_bytes == 3 / 4 * 4 * x + 1 / 2 * 2 * x
 
 
 def test_collectives_in_a_loop_are_counted_per_iteration(devices):
