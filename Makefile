@@ -81,7 +81,7 @@ test: $(STAMP) $(GPU_STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # `make test-py312-jax0.11`: every test that does not need torch, on that combination, with the CUDA
-# compile toolchain at that jaxlib's version (.ci/run runs both after `make test`).
+# compile toolchain at that jaxlib's version (.ci/run runs the jax 0.11 one after `make test`).
 $(SECONDARY:%=install-%): install-%: .venv-%/.installed
 
 .venv-%/.installed: pyproject.toml constraints/%.txt

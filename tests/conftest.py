@@ -54,14 +54,6 @@ from jaxlm.config import load_config  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pytest_collection_modifyitems(config, items):
-    """The modules holding slow tests (``@pytest.mark.slow``) run first, each kept whole (its
-    module-scoped fixtures are built once), the rest after in their usual order: with several test
-    workers the long runs start early instead of leaving one worker busy at the end of the suite."""
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: the order within each group holds
-
-
 def file_hashes(root: pathlib.Path) -> dict[str, str]:
     """sha256 of every file under ``root`` by relative path (to show that nothing saved changed)."""
     import hashlib
