@@ -212,9 +212,9 @@ def device_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
     iota form ``replica_groups=[2,4]<=[4,2]T(1,0)`` (an iota over the second shape, transposed,
     reshaped to groups), the mesh form ``replica_groups=mesh['a'=4,'b'=2] {'a'}`` (ids laid out
     row-major over the named axes, or in the order of an iota ``device_ids=([2,4]T(1,0))``; a
-    group along the braced axes), ``replica_groups={}`` (one
-    group of all ``num_devices``; None if that is 0, unknown), or a
-    collective-permute's ``source_target_pairs`` (each pair a group). None if it names none.
+    group along the braced axes), ``replica_groups={}`` (one group of all ``num_devices``; None
+    if that is 0, unknown), or a collective-permute's ``source_target_pairs`` (each pair a
+    group). None if it names none.
     Ids are the program's device ids (its device assignment: a mesh's devices in ``.flat`` order)."""
     iota = _GROUPS_IOTA.search(attrs)
     if iota:
@@ -233,9 +233,9 @@ def device_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
             return None
         ids = order.reshape(shape)
         kept = [names.index(a) for a in along]
-        order = [i for i in range(len(names)) if i not in kept] + kept
+        others = [i for i in range(len(names)) if i not in kept]
         size = math.prod(ids.shape[i] for i in kept)
-        return ids.transpose(order).reshape(-1, size).tolist()
+        return ids.transpose(others + kept).reshape(-1, size).tolist()
     listed = _GROUPS_LIST.search(attrs)
     if listed is None:
         return None
@@ -260,8 +260,7 @@ def link_bytes(kind: str, size: float, groups: list[list[int]] | None, hosts: li
     if groups is None or (hosts and any(d >= len(hosts) for g in groups for d in g)):
         bound = (2.0 if kind == "all-reduce" else 1.0) * size
         return (0.0, bound) if many_hosts else (bound, 0.0)
-    n = max(len(g) for g in groups)
-    if n <= 1:
+    if max(len(g) for g in groups) <= 1:
         return 0.0, 0.0
     host_count = (lambda g: len({hosts[d] for d in g})) if hosts else (lambda g: 1)
     if kind == "collective-permute":

@@ -101,7 +101,6 @@ class ProgramReport:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Links:
     """Bandwidth of each GPU's links, bytes/s per direction: NVLink within a host, the network across hosts."""
